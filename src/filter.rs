@@ -1,0 +1,300 @@
+//! What the ambassador does with each client command: pure decisions, no I/O.
+//!
+//! Everything not named here is forwarded byte for byte. The commands that touch credentials
+//! (AUTH, HELLO ... AUTH) are rewritten so the client's arguments never reach the upstream;
+//! the ones that change the shape of the reply stream (RESET, QUIT, SYNC, pub/sub, MONITOR,
+//! CLIENT REPLY) are forwarded and flagged so the relay can keep replies in order.
+
+use crate::resp::Command;
+
+pub const OK: &[u8] = b"+OK\r\n";
+pub const NOAUTH: &[u8] = b"-NOAUTH Authentication required.\r\n";
+pub const WRONGPASS: &[u8] = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n";
+pub const AUTH_ARITY: &[u8] = b"-ERR wrong number of arguments for 'auth' command\r\n";
+pub const HELLO_NOAUTH: &[u8] = b"-NOAUTH HELLO must be called with the client already \
+authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to \
+authenticate the client and select the RESP protocol version at the same time\r\n";
+pub const RESET: &[u8] = b"+RESET\r\n";
+/// The filter keeps the leading arguments only; no real HELLO repeats its options this often.
+pub const HELLO_TOO_LONG: &[u8] = b"-ERR ambassador: HELLO with more than 16 arguments\r\n";
+
+/// How a forwarded command affects the count of replies the relay expects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replies {
+    /// Exactly one reply (errors and `+QUEUED` included).
+    One,
+    /// An unknown number from now on (pub/sub, MONITOR, CLIENT REPLY), until a RESET.
+    Untracked,
+}
+
+/// The pieces of a HELLO rewritten with the profile's credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HelloPart<'a> {
+    /// A client argument kept as it is.
+    Keep(&'a [u8]),
+    /// `AUTH <profile user> <profile password>` goes here.
+    ProfileAuth,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action<'a> {
+    /// Send the client's bytes upstream unchanged.
+    Forward(Replies),
+    /// Send the profile's `AUTH` instead; its reply (`+OK`) arrives in order.
+    Auth,
+    /// Send `HELLO` made of these parts instead.
+    Hello(Vec<HelloPart<'a>>),
+    /// Forward, then re-authenticate before anything else; only `+RESET` reaches the client.
+    Reset,
+    /// Forward; the upstream replies and closes, and so does the client connection.
+    Quit,
+    /// Forward; from then on both directions are opaque bytes (replication stream).
+    Replication,
+    /// Reply locally, in order, and forward nothing.
+    Answer(&'static [u8]),
+    /// Reply locally, then close the client connection.
+    AnswerAndClose(&'static [u8]),
+}
+
+/// Commands that must be held whole, because their arguments decide what is sent upstream or
+/// how the reply stream changes. All others stream as soon as their name is known.
+pub fn needs_whole(name: &[u8]) -> bool {
+    ["auth", "hello", "client", "reset", "quit", "sync", "psync"]
+        .iter()
+        .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
+}
+
+/// The client side of authentication. Without a downstream password the client counts as
+/// authenticated from the start; with one, it must `AUTH` (or `HELLO ... AUTH`) first, and a
+/// `RESET` makes it authenticate again, as with Redis's `requirepass`.
+#[derive(Debug, Clone)]
+pub struct Filter {
+    password_required: bool,
+    pub authenticated: bool,
+}
+
+impl Filter {
+    pub fn new(password_required: bool) -> Self {
+        Filter {
+            password_required,
+            authenticated: !password_required,
+        }
+    }
+
+    /// Decides what to do with `cmd`. `password_ok` checks a password a client offers
+    /// against the downstream password.
+    pub fn decide<'a>(
+        &mut self,
+        cmd: &Command<'a>,
+        password_ok: impl Fn(&[u8]) -> bool,
+    ) -> Action<'a> {
+        let name = cmd.arg(0).unwrap_or_default();
+        let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+        if is("auth") {
+            return self.auth(cmd, password_ok);
+        }
+        if is("hello") {
+            return self.hello(cmd, password_ok);
+        }
+        if is("quit") {
+            return if self.authenticated {
+                Action::Quit
+            } else {
+                Action::AnswerAndClose(OK)
+            };
+        }
+        if is("reset") && cmd.argc == 1 {
+            if !self.authenticated {
+                return Action::Answer(RESET);
+            }
+            self.authenticated = !self.password_required;
+            return Action::Reset;
+        }
+        if !self.authenticated {
+            return Action::Answer(NOAUTH);
+        }
+        if is("sync") || is("psync") {
+            return Action::Replication;
+        }
+        let untracked = ["subscribe", "psubscribe", "ssubscribe", "unsubscribe"]
+            .iter()
+            .chain(&["punsubscribe", "sunsubscribe", "monitor"])
+            .any(|n| is(n))
+            || (is("client") && cmd.is(1, "reply"));
+        Action::Forward(if untracked {
+            Replies::Untracked
+        } else {
+            Replies::One
+        })
+    }
+
+    fn auth<'a>(&mut self, cmd: &Command<'a>, password_ok: impl Fn(&[u8]) -> bool) -> Action<'a> {
+        if !self.password_required {
+            return Action::Auth;
+        }
+        let password = match cmd.argc {
+            2 => cmd.arg(1),
+            3 => cmd.arg(2),
+            _ => return Action::Answer(AUTH_ARITY),
+        };
+        match password {
+            Some(p) if password_ok(p) => {
+                let was = std::mem::replace(&mut self.authenticated, true);
+                // Before the client authenticated, nothing is in flight: answer at once.
+                if was {
+                    Action::Auth
+                } else {
+                    Action::Answer(OK)
+                }
+            }
+            _ => Action::Answer(WRONGPASS),
+        }
+    }
+
+    fn hello<'a>(&mut self, cmd: &Command<'a>, password_ok: impl Fn(&[u8]) -> bool) -> Action<'a> {
+        let Some(args) = cmd.all() else {
+            return Action::Answer(HELLO_TOO_LONG);
+        };
+        let mut parts: Vec<HelloPart> = args.iter().take(2).map(|a| HelloPart::Keep(a)).collect();
+        let mut offered = None;
+        let mut j = 2;
+        // The same walk as Redis's helloCommand, so the server reports the same syntax errors.
+        while j < args.len() {
+            let more = args.len() - 1 - j;
+            if args[j].eq_ignore_ascii_case(b"auth") && more >= 2 {
+                offered = Some(args[j + 2]);
+                parts.push(HelloPart::ProfileAuth);
+                j += 3;
+            } else if args[j].eq_ignore_ascii_case(b"setname") && more >= 1 {
+                parts.extend([HelloPart::Keep(args[j]), HelloPart::Keep(args[j + 1])]);
+                j += 2;
+            } else {
+                // A malformed option: the server rejects it by name. What follows an AUTH
+                // may be a password, so it stays here.
+                parts.push(HelloPart::Keep(args[j]));
+                if args[j].eq_ignore_ascii_case(b"auth") {
+                    break;
+                }
+                j += 1;
+            }
+        }
+        if self.password_required {
+            match offered {
+                Some(p) if password_ok(p) => self.authenticated = true,
+                Some(_) => return Action::Answer(WRONGPASS),
+                None if !self.authenticated => return Action::Answer(HELLO_NOAUTH),
+                None => {}
+            }
+        }
+        if offered.is_none() && parts.len() == args.len() {
+            return Action::Forward(Replies::One);
+        }
+        Action::Hello(parts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmd<'a>(args: &'a [&'a str]) -> Command<'a> {
+        let bytes: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        Command::new(&bytes)
+    }
+
+    fn never(_: &[u8]) -> bool {
+        false
+    }
+
+    #[test]
+    fn client_auth_is_always_replaced_without_a_downstream_password() {
+        let mut f = Filter::new(false);
+        assert_eq!(f.decide(&cmd(&["AUTH", "x"]), never), Action::Auth);
+        assert_eq!(f.decide(&cmd(&["auth", "u", "x"]), never), Action::Auth);
+        assert_eq!(f.decide(&cmd(&["AUTH"]), never), Action::Auth);
+    }
+
+    #[test]
+    fn hello_auth_is_replaced_and_setname_kept() {
+        let mut f = Filter::new(false);
+        let a = f.decide(
+            &cmd(&["HELLO", "3", "AUTH", "u", "p", "SETNAME", "n"]),
+            never,
+        );
+        assert_eq!(
+            a,
+            Action::Hello(vec![
+                HelloPart::Keep(b"HELLO"),
+                HelloPart::Keep(b"3"),
+                HelloPart::ProfileAuth,
+                HelloPart::Keep(b"SETNAME"),
+                HelloPart::Keep(b"n"),
+            ])
+        );
+        assert_eq!(
+            f.decide(&cmd(&["HELLO", "3"]), never),
+            Action::Forward(Replies::One)
+        );
+        // A malformed AUTH keeps the server's error but drops what follows it.
+        assert_eq!(
+            f.decide(&cmd(&["HELLO", "3", "AUTH", "secret"]), never),
+            Action::Hello(vec![
+                HelloPart::Keep(b"HELLO"),
+                HelloPart::Keep(b"3"),
+                HelloPart::Keep(b"AUTH")
+            ])
+        );
+    }
+
+    #[test]
+    fn downstream_password_gates_everything() {
+        let mut f = Filter::new(true);
+        let ok = |p: &[u8]| p == b"right";
+        assert_eq!(f.decide(&cmd(&["GET", "k"]), ok), Action::Answer(NOAUTH));
+        assert_eq!(
+            f.decide(&cmd(&["HELLO", "3"]), ok),
+            Action::Answer(HELLO_NOAUTH)
+        );
+        assert_eq!(
+            f.decide(&cmd(&["AUTH", "wrong"]), ok),
+            Action::Answer(WRONGPASS)
+        );
+        assert_eq!(f.decide(&cmd(&["AUTH", "right"]), ok), Action::Answer(OK));
+        assert_eq!(
+            f.decide(&cmd(&["GET", "k"]), ok),
+            Action::Forward(Replies::One)
+        );
+        assert_eq!(
+            f.decide(&cmd(&["AUTH", "wrong"]), ok),
+            Action::Answer(WRONGPASS)
+        );
+        assert_eq!(f.decide(&cmd(&["AUTH", "any", "right"]), ok), Action::Auth);
+        assert_eq!(f.decide(&cmd(&["RESET"]), ok), Action::Reset);
+        assert_eq!(f.decide(&cmd(&["GET", "k"]), ok), Action::Answer(NOAUTH));
+    }
+
+    #[test]
+    fn stream_changing_commands_are_flagged() {
+        let mut f = Filter::new(false);
+        assert_eq!(
+            f.decide(&cmd(&["SUBSCRIBE", "c"]), never),
+            Action::Forward(Replies::Untracked)
+        );
+        assert_eq!(
+            f.decide(&cmd(&["client", "reply", "off"]), never),
+            Action::Forward(Replies::Untracked)
+        );
+        assert_eq!(
+            f.decide(&cmd(&["CLIENT", "ID"]), never),
+            Action::Forward(Replies::One)
+        );
+        assert_eq!(
+            f.decide(&cmd(&["RESET", "x"]), never),
+            Action::Forward(Replies::One)
+        );
+        assert_eq!(
+            f.decide(&cmd(&["psync", "?", "-1"]), never),
+            Action::Replication
+        );
+    }
+}

@@ -1,0 +1,119 @@
+//! The ambassador's own commands on a new upstream connection: AUTH, then CLIENT SETNAME and
+//! SELECT when the profile asks, pipelined in one write and checked within a time limit. The
+//! same commands re-authenticate a session after the client's RESET.
+
+use std::time::Duration;
+
+use redis_protocol::resp2::decode::decode;
+use redis_protocol::resp2::types::OwnedFrame;
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::config::Handshake;
+use crate::credentials::{Credentials, SecretBytes};
+
+#[derive(Debug, Error)]
+pub enum HandshakeError {
+    /// The upstream refused the profile's credentials. `reason` is the server's error code
+    /// (WRONGPASS, NOPERM, ...); the server never echoes a password.
+    #[error("upstream rejected the credentials of user {user:?} ({reason})")]
+    AuthRejected { user: String, reason: String },
+    #[error("upstream rejected {command}: {reason}")]
+    Rejected {
+        command: &'static str,
+        reason: String,
+    },
+    #[error("upstream handshake timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("upstream closed the connection during the handshake")]
+    Closed,
+    #[error("upstream handshake I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("upstream sent a malformed reply during the handshake")]
+    Malformed,
+}
+
+/// The handshake commands, in the order they are sent, and what each is called in errors.
+pub struct Commands {
+    pub bytes: SecretBytes,
+    pub names: Vec<&'static str>,
+}
+
+/// AUTH, then SETNAME and SELECT as configured.
+pub fn commands(credentials: &Credentials, settings: &Handshake) -> Commands {
+    let mut bytes = credentials.auth_command();
+    let mut names = vec!["AUTH"];
+    if let Some(name) = &settings.client_name {
+        crate::resp::write_array(&mut bytes, 3);
+        for arg in [&b"CLIENT"[..], b"SETNAME", name.as_bytes()] {
+            crate::resp::write_bulk(&mut bytes, arg);
+        }
+        names.push("CLIENT SETNAME");
+    }
+    if let Some(db) = settings.database {
+        crate::resp::write_array(&mut bytes, 2);
+        crate::resp::write_bulk(&mut bytes, b"SELECT");
+        crate::resp::write_bulk(&mut bytes, db.to_string().as_bytes());
+        names.push("SELECT");
+    }
+    Commands { bytes, names }
+}
+
+/// Checks the reply to handshake command `index` of `cmds`.
+pub fn check_reply(
+    cmds: &Commands,
+    index: usize,
+    user: &str,
+    reply: Result<(), String>,
+) -> Result<(), HandshakeError> {
+    reply.map_err(|reason| {
+        if index == 0 {
+            HandshakeError::AuthRejected {
+                user: user.to_owned(),
+                reason: reason.split_whitespace().next().unwrap_or("ERR").to_owned(),
+            }
+        } else {
+            HandshakeError::Rejected {
+                command: cmds.names[index],
+                reason,
+            }
+        }
+    })
+}
+
+/// Runs the handshake on a fresh upstream connection.
+pub async fn run<S>(
+    stream: &mut S,
+    credentials: &Credentials,
+    settings: &Handshake,
+    limit: Duration,
+) -> Result<(), HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let cmds = commands(credentials, settings);
+    let exchange = async {
+        stream.write_all(&cmds.bytes).await?;
+        let mut buf = Vec::with_capacity(256);
+        for index in 0..cmds.names.len() {
+            let frame = loop {
+                if let Some((frame, used)) = decode(&buf).map_err(|_| HandshakeError::Malformed)? {
+                    buf.drain(..used);
+                    break frame;
+                }
+                if stream.read_buf(&mut buf).await? == 0 {
+                    return Err(HandshakeError::Closed);
+                }
+            };
+            let reply = match frame {
+                OwnedFrame::Error(e) => Err(e),
+                _ => Ok(()),
+            };
+            check_reply(&cmds, index, credentials.username(), reply)?;
+        }
+        Ok(())
+    };
+    tokio::time::timeout(limit, exchange)
+        .await
+        .map_err(|_| HandshakeError::Timeout(limit))?
+}
