@@ -1,0 +1,500 @@
+//! The one test harness: real redis-server processes on ephemeral loopback ports, the
+//! ambassador in-process (or as the real binary), and a raw RESP client with deadlines.
+//! No fixed ports, no sleeps as synchronisation: everything waits on a condition with a limit.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use redis_ambassador::config::{Config, LoadOptions};
+use redis_ambassador::Listener;
+use redis_protocol::resp3::decode::complete::decode as decode3;
+use redis_protocol::resp3::types::OwnedFrame;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+pub const DEADLINE: Duration = Duration::from_secs(10);
+pub const USER: &str = "app";
+pub const PASSWORD: &str = "app-secret-7f3a";
+
+/// Finds a program or fails with a message that says how to install it.
+pub fn require(program: &str) -> PathBuf {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(program))
+            .find(|p| p.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "{program} not found on PATH: these tests need a real Redis. \
+             Install it with `apt-get install redis-server redis-tools` (Debian/Ubuntu)."
+        )
+    })
+}
+
+/// A port that was free a moment ago. Servers that lose the race are restarted on another.
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+/// How a test server authenticates its clients.
+#[derive(Debug, Clone)]
+pub enum ServerAuth {
+    /// The default user is off; `user` with `password` may do everything.
+    AclUser { user: String, password: String },
+    /// Legacy `requirepass`: `AUTH <password>` only.
+    RequirePass(String),
+}
+
+impl ServerAuth {
+    pub fn app() -> Self {
+        ServerAuth::AclUser {
+            user: USER.into(),
+            password: PASSWORD.into(),
+        }
+    }
+
+    /// The AUTH command a direct client sends.
+    pub fn auth_command(&self) -> Vec<u8> {
+        match self {
+            ServerAuth::AclUser { user, password } => command(&["AUTH", user, password]),
+            ServerAuth::RequirePass(p) => command(&["AUTH", p]),
+        }
+    }
+
+    /// A credential file body for the ambassador.
+    pub fn credential_file(&self) -> String {
+        match self {
+            ServerAuth::AclUser { user, password } => {
+                format!("username = \"{user}\"\npassword = \"{password}\"\n")
+            }
+            ServerAuth::RequirePass(p) => format!("{p}\n"),
+        }
+    }
+}
+
+/// A real redis-server in a temp dir, killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    pub auth: ServerAuth,
+    pub dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl RedisServer {
+    pub fn start(auth: ServerAuth) -> RedisServer {
+        Self::start_with(auth, &[])
+    }
+
+    pub fn start_with(auth: ServerAuth, extra: &[&str]) -> RedisServer {
+        let binary = require("redis-server");
+        let mut dir = tempfile::tempdir().expect("temp dir");
+        let mut last_log = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let mut args: Vec<String> = vec![
+                "--port".into(),
+                port.to_string(),
+                "--bind".into(),
+                "127.0.0.1".into(),
+                "--save".into(),
+                "".into(),
+                "--appendonly".into(),
+                "no".into(),
+                "--dir".into(),
+                dir.path().display().to_string(),
+                "--logfile".into(),
+                "redis.log".into(),
+            ];
+            match &auth {
+                ServerAuth::AclUser { user, password } => {
+                    let acl = dir.path().join("users.acl");
+                    std::fs::write(
+                        &acl,
+                        format!("user default off\nuser {user} on >{password} ~* &* +@all\n"),
+                    )
+                    .unwrap();
+                    args.extend(["--aclfile".into(), acl.display().to_string()]);
+                }
+                ServerAuth::RequirePass(p) => args.extend(["--requirepass".into(), p.clone()]),
+            }
+            args.extend(extra.iter().map(|s| s.to_string()));
+            let child = Command::new(&binary)
+                .args(&args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn redis-server");
+            let mut server = RedisServer {
+                port,
+                auth: auth.clone(),
+                dir,
+                child,
+            };
+            if server.wait_ready() {
+                return server;
+            }
+            last_log =
+                std::fs::read_to_string(server.dir.path().join("redis.log")).unwrap_or_default();
+            let _ = server.child.kill();
+            let _ = server.child.wait();
+            dir = server.take_dir();
+        }
+        panic!("redis-server did not start; last log:\n{last_log}");
+    }
+
+    fn take_dir(&mut self) -> tempfile::TempDir {
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
+    }
+
+    /// Ready when an authenticated PING answers PONG.
+    fn wait_ready(&mut self) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < DEADLINE {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                use std::io::{Read, Write};
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut req = self.auth.auth_command();
+                req.extend(command(&["PING"]));
+                if s.write_all(&req).is_ok() {
+                    let mut got = Vec::new();
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = s.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        got.extend_from_slice(&buf[..n]);
+                        if got.ends_with(b"+PONG\r\n") {
+                            return true;
+                        }
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20)); // polling interval, not synchronisation
+        }
+        false
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// A direct, authenticated raw connection.
+    pub async fn direct(&self) -> Raw {
+        let mut raw = Raw::connect(&self.addr()).await;
+        raw.send(&self.auth.auth_command()).await;
+        assert_eq!(
+            raw.reply().await,
+            OwnedFrame::SimpleString {
+                data: b"OK".to_vec(),
+                attributes: None
+            }
+        );
+        raw
+    }
+
+    /// Writes the credential file for this server into `dir`.
+    pub fn credential_file(&self, dir: &Path) -> PathBuf {
+        let path = dir.join("redis-credentials");
+        std::fs::write(&path, self.auth.credential_file()).unwrap();
+        path
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `[section]` TOML for a profile pointing at `server`, plus `extra` lines appended.
+pub fn profile_for(server: &RedisServer, dir: &Path, extra: &str) -> String {
+    let creds = server.credential_file(dir);
+    format!(
+        "[listen]\naddress = \"127.0.0.1:0\"\n\n[upstream]\naddress = \"{}\"\n\n[credentials]\nfile = \"{}\"\n{extra}",
+        server.addr(),
+        creds.display()
+    )
+}
+
+/// Loads a config from profile text, as data (no process environment).
+pub fn load_config(dir: &Path, profile_text: &str) -> Config {
+    std::fs::write(dir.join("test.toml"), profile_text).unwrap();
+    Config::load(&LoadOptions {
+        profile: Some("test".into()),
+        config_dir: dir.to_owned(),
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The ambassador running in-process on an ephemeral port; stopped on drop.
+pub struct Ambassador {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Ambassador {
+    /// An ambassador for `server` with extra profile lines.
+    pub async fn start(server: &RedisServer, extra: &str) -> Ambassador {
+        let dir = tempfile::tempdir().unwrap();
+        let config = load_config(dir.path(), &profile_for(server, dir.path(), extra));
+        Self::with_config(config, dir).await
+    }
+
+    pub async fn with_config(config: Config, dir: tempfile::TempDir) -> Ambassador {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(redis_ambassador::run(
+            config,
+            Listener::Tcp(listener),
+            async {
+                let _ = rx.await;
+            },
+        ));
+        Ambassador {
+            addr,
+            stop: Some(tx),
+            task: Some(task),
+            dir,
+        }
+    }
+
+    pub async fn connect(&self) -> Raw {
+        Raw::connect(&self.addr.to_string()).await
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
+
+    /// Stops accepting and waits for the drain to finish.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(DEADLINE * 4, task).await;
+        }
+    }
+}
+
+impl Drop for Ambassador {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// Encodes a command as a RESP array of bulk strings.
+pub fn command(args: &[&str]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        out.extend(format!("${}\r\n{a}\r\n", a.len()).into_bytes());
+    }
+    out
+}
+
+/// A raw RESP connection with deadlines on every read.
+pub struct Raw {
+    pub stream: TcpStream,
+    pub buf: Vec<u8>,
+}
+
+impl Raw {
+    pub async fn connect(addr: &str) -> Raw {
+        let stream = tokio::time::timeout(DEADLINE, TcpStream::connect(addr))
+            .await
+            .expect("connect timed out")
+            .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        stream.set_nodelay(true).unwrap();
+        Raw {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("send");
+    }
+
+    pub async fn cmd(&mut self, args: &[&str]) -> OwnedFrame {
+        self.send(&command(args)).await;
+        self.reply().await
+    }
+
+    /// The next complete frame (RESP2 or RESP3), within the deadline.
+    pub async fn reply(&mut self) -> OwnedFrame {
+        self.try_reply()
+            .await
+            .expect("connection closed before a reply")
+    }
+
+    /// The next frame, or `None` if the connection closed first.
+    pub async fn try_reply(&mut self) -> Option<OwnedFrame> {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some((frame, used)) = decode3(&self.buf).expect("valid RESP from the server") {
+                self.buf.drain(..used);
+                return Some(frame);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut chunk = vec![0u8; 64 * 1024];
+            let n = tokio::time::timeout(left, self.stream.read(&mut chunk))
+                .await
+                .expect("timed out waiting for a reply")
+                .unwrap_or(0);
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Reads exactly `n` raw bytes.
+    pub async fn read_bytes(&mut self, n: usize) -> Vec<u8> {
+        let deadline = Instant::now() + DEADLINE;
+        while self.buf.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut chunk = vec![0u8; 64 * 1024];
+            let got = tokio::time::timeout(left, self.stream.read(&mut chunk))
+                .await
+                .expect("timed out reading bytes")
+                .expect("read");
+            assert!(
+                got > 0,
+                "closed after {} of {n} bytes: {:?}",
+                self.buf.len(),
+                String::from_utf8_lossy(&self.buf)
+            );
+            self.buf.extend_from_slice(&chunk[..got]);
+        }
+        self.buf.drain(..n).collect()
+    }
+
+    /// Waits for the peer to close, returning whatever arrived before.
+    pub async fn read_to_close(&mut self) -> Vec<u8> {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut chunk = vec![0u8; 64 * 1024];
+            match tokio::time::timeout(left, self.stream.read(&mut chunk))
+                .await
+                .expect("timed out waiting for close")
+            {
+                Ok(0) | Err(_) => return std::mem::take(&mut self.buf),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+}
+
+/// Shorthands for expected frames.
+pub fn simple(s: &str) -> OwnedFrame {
+    OwnedFrame::SimpleString {
+        data: s.as_bytes().to_vec(),
+        attributes: None,
+    }
+}
+
+pub fn bulk(s: &[u8]) -> OwnedFrame {
+    OwnedFrame::BlobString {
+        data: s.to_vec(),
+        attributes: None,
+    }
+}
+
+pub fn int(i: i64) -> OwnedFrame {
+    OwnedFrame::Number {
+        data: i,
+        attributes: None,
+    }
+}
+
+/// The text of an error frame, panicking on anything else.
+pub fn error_text(f: &OwnedFrame) -> String {
+    match f {
+        OwnedFrame::SimpleError { data, .. } => data.clone(),
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+/// The real binary, started with `args` and `env`; its stderr is scanned for the listening
+/// address. Killed on drop.
+pub struct Binary {
+    pub child: Child,
+    pub addr: String,
+    pub stderr_lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Binary {
+    pub fn start(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Binary {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_redis-ambassador"))
+            .current_dir(cwd)
+            .args(args)
+            .envs(env.iter().copied())
+            .env_remove("AMBASSADOR_PROFILE")
+            .env_remove("AMBASSADOR_CONFIG_DIR")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn redis-ambassador");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + DEADLINE;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx.recv_timeout(left).unwrap_or_else(|_| {
+                panic!("no 'listening' line; stderr so far:\n{}", seen.join("\n"))
+            });
+            if let Some(rest) = line.split("listening address=").nth(1) {
+                let addr = rest.split_whitespace().next().unwrap().to_owned();
+                return Binary {
+                    child,
+                    addr,
+                    stderr_lines: rx,
+                };
+            }
+            seen.push(line);
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
