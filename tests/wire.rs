@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use redis_protocol::resp3::types::OwnedFrame;
 
 #[tokio::test]
 async fn client_sees_the_profile_user_without_credentials() {
@@ -12,4 +13,294 @@ async fn client_sees_the_profile_user_without_credentials() {
     assert_eq!(c.cmd(&["ACL", "WHOAMI"]).await, bulk(USER.as_bytes()));
     assert_eq!(c.cmd(&["SET", "k", "v"]).await, simple("OK"));
     assert_eq!(c.cmd(&["GET", "k"]).await, bulk(b"v"));
+}
+
+#[tokio::test]
+async fn pipelined_auth_is_answered_ok_in_its_place() {
+    let server = RedisServer::start(ServerAuth::app());
+    let amb = Ambassador::start(&server, "").await;
+    let mut c = amb.connect().await;
+    let mut batch = command(&["SET", "a", "1"]);
+    batch.extend(command(&["AUTH", "intruder", "wrong"]));
+    batch.extend(command(&["GET", "a"]));
+    batch.extend(b"AUTH also-wrong\r\n");
+    batch.extend(command(&["ACL", "WHOAMI"]));
+    c.send(&batch).await;
+    assert_eq!(c.reply().await, simple("OK"));
+    assert_eq!(
+        c.reply().await,
+        simple("OK"),
+        "AUTH answered +OK in its place"
+    );
+    assert_eq!(c.reply().await, bulk(b"1"));
+    assert_eq!(c.reply().await, simple("OK"), "inline AUTH too");
+    assert_eq!(
+        c.reply().await,
+        bulk(USER.as_bytes()),
+        "still the profile's user"
+    );
+}
+
+#[tokio::test]
+async fn legacy_requirepass_server_gets_auth_with_password_only() {
+    let server = RedisServer::start(ServerAuth::RequirePass("legacy-pass-93".into()));
+    let amb = Ambassador::start(&server, "").await;
+    let mut c = amb.connect().await;
+    assert_eq!(c.cmd(&["ACL", "WHOAMI"]).await, bulk(b"default"));
+    assert_eq!(c.cmd(&["AUTH", "x"]).await, simple("OK"));
+    assert_eq!(c.cmd(&["PING"]).await, simple("PONG"));
+}
+
+#[tokio::test]
+async fn hello_auth_is_replaced_and_setname_honoured() {
+    let server = RedisServer::start(ServerAuth::app());
+    let amb = Ambassador::start(&server, "").await;
+    let mut c = amb.connect().await;
+    let hello = c
+        .cmd(&[
+            "HELLO", "3", "AUTH", "someone", "wrong", "SETNAME", "my-app",
+        ])
+        .await;
+    let OwnedFrame::Map { data, .. } = hello else {
+        panic!("HELLO 3 answers a map, got {hello:?}");
+    };
+    assert!(data.contains_key(&bulk(b"proto")) && data[&bulk(b"proto")] == int(3));
+    assert_eq!(c.cmd(&["CLIENT", "GETNAME"]).await, bulk(b"my-app"));
+    assert_eq!(c.cmd(&["ACL", "WHOAMI"]).await, bulk(USER.as_bytes()));
+    // Back to RESP2, without AUTH: forwarded untouched.
+    let hello2 = c.cmd(&["HELLO", "2"]).await;
+    assert!(matches!(hello2, OwnedFrame::Array { .. }), "{hello2:?}");
+}
+
+#[tokio::test]
+async fn reset_reauthenticates_and_reapplies_the_profile_handshake() {
+    let server = RedisServer::start(ServerAuth::app());
+    let amb = Ambassador::start(
+        &server,
+        "\n[handshake]\nclient_name = \"profile-name\"\ndatabase = 2\n",
+    )
+    .await;
+    let mut c = amb.connect().await;
+    assert_eq!(c.cmd(&["CLIENT", "GETNAME"]).await, bulk(b"profile-name"));
+    assert_eq!(c.cmd(&["SET", "in2", "x"]).await, simple("OK"));
+    assert_eq!(c.cmd(&["SELECT", "5"]).await, simple("OK"));
+    assert_eq!(c.cmd(&["CLIENT", "SETNAME", "changed"]).await, simple("OK"));
+    // Pipelined: RESET between commands; only +RESET reaches the client.
+    let mut batch = command(&["PING"]);
+    batch.extend(command(&["RESET"]));
+    batch.extend(command(&["ACL", "WHOAMI"]));
+    batch.extend(command(&["CLIENT", "GETNAME"]));
+    batch.extend(command(&["GET", "in2"]));
+    c.send(&batch).await;
+    assert_eq!(c.reply().await, simple("PONG"));
+    assert_eq!(c.reply().await, simple("RESET"));
+    assert_eq!(c.reply().await, bulk(USER.as_bytes()));
+    assert_eq!(c.reply().await, bulk(b"profile-name"));
+    assert_eq!(
+        c.reply().await,
+        bulk(b"x"),
+        "back on the profile's database"
+    );
+}
+
+#[tokio::test]
+async fn reset_in_subscribe_mode_is_found_among_messages() {
+    let server = RedisServer::start(ServerAuth::app());
+    let amb = Ambassador::start(&server, "").await;
+    let mut sub = amb.connect().await;
+    let mut publisher = amb.connect().await;
+    let confirm = sub.cmd(&["SUBSCRIBE", "news"]).await;
+    assert!(matches!(confirm, OwnedFrame::Array { .. }));
+    assert_eq!(publisher.cmd(&["PUBLISH", "news", "+RESET"]).await, int(1));
+    let mut batch = command(&["RESET"]);
+    batch.extend(command(&["ACL", "WHOAMI"]));
+    sub.send(&batch).await;
+    let message = sub.reply().await;
+    assert!(
+        matches!(message, OwnedFrame::Array { .. }),
+        "the message first: {message:?}"
+    );
+    assert_eq!(sub.reply().await, simple("RESET"));
+    assert_eq!(sub.reply().await, bulk(USER.as_bytes()));
+}
+
+#[tokio::test]
+async fn quit_replies_then_closes() {
+    let server = RedisServer::start(ServerAuth::app());
+    let amb = Ambassador::start(&server, "").await;
+    let mut c = amb.connect().await;
+    let mut batch = command(&["QUIT"]);
+    batch.extend(command(&["PING"]));
+    c.send(&batch).await;
+    assert_eq!(c.read_to_close().await, b"+OK\r\n");
+}
+
+#[tokio::test]
+async fn downstream_password_gates_every_command() {
+    let server = RedisServer::start(ServerAuth::app());
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("client-password");
+    std::fs::write(&pw, "client-pass-55\n").unwrap();
+    let profile = profile_for(&server, dir.path(), "").replace(
+        "[upstream]",
+        &format!("require_password_file = \"{}\"\n\n[upstream]", pw.display()),
+    );
+    let config = load_config(dir.path(), &profile);
+    let amb = Ambassador::with_config(config, dir).await;
+
+    let mut monitor = server.direct().await;
+    assert_eq!(monitor.cmd(&["MONITOR"]).await, simple("OK"));
+
+    let mut c = amb.connect().await;
+    let mut batch = command(&["SET", "leaked", "1"]);
+    batch.extend(command(&["AUTH", "wrong"]));
+    batch.extend(command(&["HELLO", "3"]));
+    batch.extend(command(&["AUTH", "client-pass-55"]));
+    batch.extend(command(&["ECHO", "marker-after-auth"]));
+    batch.extend(command(&["AUTH", "bad-again"]));
+    batch.extend(command(&["ACL", "WHOAMI"]));
+    c.send(&batch).await;
+    assert_eq!(
+        error_text(&c.reply().await),
+        "NOAUTH Authentication required."
+    );
+    assert_eq!(
+        error_text(&c.reply().await),
+        "WRONGPASS invalid username-password pair or user is disabled."
+    );
+    assert!(error_text(&c.reply().await).starts_with("NOAUTH HELLO must be called"));
+    assert_eq!(c.reply().await, simple("OK"));
+    assert_eq!(c.reply().await, bulk(b"marker-after-auth"));
+    assert!(error_text(&c.reply().await).starts_with("WRONGPASS"));
+    assert_eq!(c.reply().await, bulk(USER.as_bytes()));
+
+    // Nothing the client sent before authenticating reached the upstream.
+    loop {
+        let line = match monitor.reply().await {
+            OwnedFrame::SimpleString { data, .. } => String::from_utf8_lossy(&data).into_owned(),
+            other => panic!("MONITOR sends status lines, got {other:?}"),
+        };
+        assert!(
+            !line.contains("leaked"),
+            "pre-auth command reached upstream: {line}"
+        );
+        if line.contains("marker-after-auth") {
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn unreachable_upstream_fails_fast_and_recovers() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("creds"), "x\n").unwrap();
+    let profile = format!(
+        "[upstream]\naddress = \"127.0.0.1:{port}\"\nconnect_timeout = \"2s\"\n[credentials]\nfile = \"{}\"\n",
+        dir.path().join("creds").display()
+    );
+    let config = load_config(dir.path(), &profile);
+    let amb = Ambassador::with_config(config, dir).await;
+    let mut c = amb.connect().await;
+    let got = c.read_to_close().await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.starts_with(&format!("-ERR ambassador: upstream unavailable (connect to 127.0.0.1:{port}: connection refused)")),
+        "{text}"
+    );
+    // Still listening: the next client gets the same clear error.
+    let mut again = amb.connect().await;
+    assert!(again
+        .read_to_close()
+        .await
+        .starts_with(b"-ERR ambassador: upstream unavailable"));
+}
+
+#[tokio::test]
+async fn rejected_credentials_are_reported_without_the_password() {
+    let server = RedisServer::start(ServerAuth::app());
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("creds"),
+        "username = \"app\"\npassword = \"not-the-password\"\n",
+    )
+    .unwrap();
+    let profile = format!(
+        "[upstream]\naddress = \"{}\"\n[credentials]\nfile = \"{}\"\n",
+        server.addr(),
+        dir.path().join("creds").display()
+    );
+    let amb = Ambassador::with_config(load_config(dir.path(), &profile), dir).await;
+    let mut c = amb.connect().await;
+    c.send(&command(&["PING"])).await;
+    assert_eq!(
+        c.read_to_close().await,
+        b"-ERR ambassador: upstream authentication failed\r\n"
+    );
+}
+
+#[tokio::test]
+async fn protocol_error_closes_only_that_client_after_earlier_replies() {
+    let server = RedisServer::start(ServerAuth::app());
+    let amb = Ambassador::start(&server, "").await;
+    let mut other = amb.connect().await;
+    assert_eq!(other.cmd(&["SET", "k", "v"]).await, simple("OK"));
+
+    let mut bad = amb.connect().await;
+    let mut batch = command(&["PING"]);
+    batch.extend(b"*1\r\n$3\r\nGET\r\n*x\r\n");
+    batch.extend(command(&["SET", "never", "1"]));
+    bad.send(&batch).await;
+    let got = bad.read_to_close().await;
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "+PONG\r\n-ERR wrong number of arguments for 'get' command\r\n-ERR Protocol error: invalid multibulk length\r\n"
+    );
+    assert_eq!(
+        other.cmd(&["GET", "k"]).await,
+        bulk(b"v"),
+        "the other client is unaffected"
+    );
+    assert_eq!(
+        other.cmd(&["EXISTS", "never"]).await,
+        int(0),
+        "nothing after the bad bytes ran"
+    );
+}
+
+#[tokio::test]
+async fn max_clients_refuses_the_extra_client_only() {
+    let server = RedisServer::start(ServerAuth::app());
+    let amb = Ambassador::start(&server, "").await;
+    drop(amb);
+    let dir = tempfile::tempdir().unwrap();
+    let profile = profile_for(&server, dir.path(), "").replace(
+        "address = \"127.0.0.1:0\"",
+        "address = \"127.0.0.1:0\"\nmax_clients = 2",
+    );
+    let amb = Ambassador::with_config(load_config(dir.path(), &profile), dir).await;
+    let mut a = amb.connect().await;
+    let mut b = amb.connect().await;
+    assert_eq!(a.cmd(&["PING"]).await, simple("PONG"));
+    assert_eq!(b.cmd(&["PING"]).await, simple("PONG"));
+    let mut c = amb.connect().await;
+    assert_eq!(
+        c.read_to_close().await,
+        b"-ERR max number of clients reached\r\n"
+    );
+    assert_eq!(a.cmd(&["PING"]).await, simple("PONG"));
+    drop(b);
+    // The slot frees once the session notices the close; wait on that, with a deadline.
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let mut d = amb.connect().await;
+        d.send(&command(&["PING"])).await;
+        match d.try_reply().await {
+            Some(f) if f == simple("PONG") => break,
+            other => assert!(
+                std::time::Instant::now() < deadline,
+                "slot never freed: {other:?}"
+            ),
+        }
+    }
 }
