@@ -146,7 +146,9 @@ impl ConfigErrors {
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "invalid configuration (profile {:?}):", self.profile)?;
-        for (key, message) in &self.problems {
+        let mut problems: Vec<_> = self.problems.iter().collect();
+        problems.sort();
+        for (key, message) in problems {
             write!(f, "\n  {key}: {message}")?;
         }
         Ok(())

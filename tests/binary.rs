@@ -1,0 +1,259 @@
+//! The real binary: profiles picked by AMBASSADOR_PROFILE, configuration errors, --check,
+//! the replication stream.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::*;
+
+fn write_profile(dir: &Path, name: &str, server: &RedisServer, creds: &str) {
+    let profiles = dir.join("profiles");
+    std::fs::create_dir_all(&profiles).unwrap();
+    let cred_file = dir.join(format!("{name}.credentials"));
+    std::fs::write(&cred_file, creds).unwrap();
+    std::fs::write(
+        profiles.join(format!("{name}.toml")),
+        format!(
+            "[listen]\naddress = \"127.0.0.1:0\"\n[upstream]\naddress = \"{}\"\n[credentials]\nfile = \"{}\"\n",
+            server.addr(),
+            cred_file.display()
+        ),
+    )
+    .unwrap();
+}
+
+fn ambassador(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_redis-ambassador"))
+        .current_dir(cwd)
+        .args(args)
+        .env_remove("AMBASSADOR_PROFILE")
+        .env_remove("AMBASSADOR_CONFIG_DIR")
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "trace")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run redis-ambassador")
+}
+
+#[tokio::test]
+async fn each_profile_lands_on_its_own_upstream() {
+    let staging = RedisServer::start(ServerAuth::AclUser {
+        user: "stage-user".into(),
+        password: "stage-pass-1".into(),
+    });
+    let prod = RedisServer::start(ServerAuth::AclUser {
+        user: "prod-user".into(),
+        password: "prod-pass-2".into(),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    write_profile(
+        dir.path(),
+        "staging",
+        &staging,
+        "username = \"stage-user\"\npassword = \"stage-pass-1\"\n",
+    );
+    write_profile(
+        dir.path(),
+        "prod",
+        &prod,
+        "username = \"prod-user\"\npassword = \"prod-pass-2\"\n",
+    );
+
+    for (profile, user, server) in [
+        ("staging", "stage-user", &staging),
+        ("prod", "prod-user", &prod),
+    ] {
+        let bin = Binary::start(dir.path(), &[], &[("AMBASSADOR_PROFILE", profile)]);
+        let mut c = Raw::connect(&bin.addr).await;
+        assert_eq!(c.cmd(&["ACL", "WHOAMI"]).await, bulk(user.as_bytes()));
+        assert_eq!(c.cmd(&["SET", "written-by", profile]).await, simple("OK"));
+        let mut direct = server.direct().await;
+        assert_eq!(
+            direct.cmd(&["GET", "written-by"]).await,
+            bulk(profile.as_bytes())
+        );
+    }
+}
+
+#[test]
+fn every_config_error_is_reported_at_once_with_exit_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let profiles = dir.path().join("profiles");
+    std::fs::create_dir_all(&profiles).unwrap();
+    std::fs::write(
+        profiles.join("broken.toml"),
+        "[listen]\naddress = \"nowhere\"\nmax_clients = \"many\"\ncolour = \"blue\"\n\
+         [upstream]\naddress = \"redis:notaport\"\nconnect_timeout = \"soon\"\n\
+         [credentials]\nfile = \"/nonexistent/secret\"\n[mystery]\nx = 1\n",
+    )
+    .unwrap();
+    let out = ambassador(dir.path(), &["--profile", "broken"], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    for key in [
+        "listen.address",
+        "listen.max_clients",
+        "listen.colour: unknown key",
+        "upstream.address",
+        "upstream.connect_timeout",
+        "credentials.file",
+        "mystery: unknown key",
+    ] {
+        assert!(stderr.contains(key), "missing {key:?} in:\n{stderr}");
+    }
+    assert!(!stderr.contains("listening"), "no port may be opened");
+
+    let out = ambassador(dir.path(), &["--profile", "absent"], &[]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("absent.toml"));
+    let out = ambassador(dir.path(), &["--no-such-flag"], &[]);
+    assert_eq!(out.status.code(), Some(64));
+}
+
+#[test]
+fn environment_overrides_the_profile_and_flags_override_both() {
+    let server = RedisServer::start(ServerAuth::app());
+    let dir = tempfile::tempdir().unwrap();
+    write_profile(
+        dir.path(),
+        "staging",
+        &server,
+        &ServerAuth::app().credential_file(),
+    );
+    let profile = dir.path().join("profiles/staging.toml");
+    let text = std::fs::read_to_string(&profile).unwrap();
+    std::fs::write(&profile, text.replace(&server.addr(), "127.0.0.1:1")).unwrap();
+    let addr = server.addr();
+    let env = [
+        ("AMBASSADOR_PROFILE", "staging"),
+        ("AMBASSADOR__UPSTREAM__ADDRESS", addr.as_str()),
+    ];
+    let out = ambassador(dir.path(), &["--check"], &env);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(&format!("upstream: {addr}")), "{stdout}");
+    let out = ambassador(dir.path(), &["--check", "--upstream", "127.0.0.1:1"], &env);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the flag wins over the environment"
+    );
+}
+
+#[test]
+fn check_prints_a_redacted_summary_and_fails_on_bad_credentials() {
+    let server = RedisServer::start(ServerAuth::app());
+    let dir = tempfile::tempdir().unwrap();
+    write_profile(
+        dir.path(),
+        "prod",
+        &server,
+        &ServerAuth::app().credential_file(),
+    );
+    let out = ambassador(dir.path(), &["--profile", "prod", "--check"], &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("authenticated as: app"), "{stdout}");
+    assert!(stdout.contains("server version: 7."), "{stdout}");
+    assert!(stdout.contains("check: ok"));
+    let everything = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        !everything.contains(PASSWORD),
+        "the password leaked:\n{everything}"
+    );
+
+    write_profile(
+        dir.path(),
+        "prod",
+        &server,
+        "username = \"app\"\npassword = \"wrong-pass-xyz\"\n",
+    );
+    let out = ambassador(dir.path(), &["--profile", "prod", "--check"], &[]);
+    let everything = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{everything}");
+    assert!(everything.contains("WRONGPASS"), "{everything}");
+    assert!(
+        !everything.contains("wrong-pass-xyz"),
+        "the password leaked:\n{everything}"
+    );
+}
+
+#[tokio::test]
+async fn one_shot_mode_needs_no_profile_and_serves_a_unix_socket() {
+    let server = RedisServer::start(ServerAuth::app());
+    let dir = tempfile::tempdir().unwrap();
+    let creds = server.credential_file(dir.path());
+    let socket = dir.path().join("redis.sock");
+    let listen = format!("unix:{}", socket.display());
+    let addr = server.addr();
+    let bin = Binary::start(
+        dir.path(),
+        &[
+            "--listen",
+            &listen,
+            "--upstream",
+            &addr,
+            "--credentials-file",
+            creds.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(bin.addr, listen);
+    let out = Command::new(require("redis-cli"))
+        .args(["-s", socket.to_str().unwrap(), "ACL", "WHOAMI"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), USER);
+}
+
+#[tokio::test]
+async fn redis_cli_rdb_works_through_the_replication_stream() {
+    let server = RedisServer::start(ServerAuth::app());
+    let mut direct = server.direct().await;
+    assert_eq!(
+        direct.cmd(&["SET", "in-the-rdb", "yes"]).await,
+        simple("OK")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let creds = server.credential_file(dir.path());
+    let addr = server.addr();
+    let bin = Binary::start(
+        dir.path(),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &addr,
+            "--credentials-file",
+            creds.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let (host, port) = bin.addr.rsplit_once(':').unwrap();
+    let rdb = dir.path().join("dump.rdb");
+    let out = Command::new(require("redis-cli"))
+        .args(["-h", host, "-p", port, "--rdb", rdb.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes = std::fs::read(&rdb).unwrap();
+    assert!(bytes.starts_with(b"REDIS"), "an RDB file");
+    assert!(
+        bytes.windows(10).any(|w| w == b"in-the-rdb"),
+        "holds the key"
+    );
+}
