@@ -9,7 +9,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use crate::config::{Handshake, Upstream};
 use crate::credentials::{CredentialStore, DownstreamPassword};
 use crate::handshake::{self, HandshakeError};
-use crate::relay::{self, Close, Context};
+use crate::relay::{self, Context};
 use crate::upstream;
 
 /// What every session shares: built once at start.
@@ -58,7 +58,7 @@ where
         refuse(&mut client, &reply).await;
         return;
     }
-    let handshake_ms = started.elapsed().as_secs_f64() * 1e3;
+    let handshake_ms = started.elapsed().as_millis() as u64;
 
     let ctx = Context {
         credentials,
@@ -66,28 +66,20 @@ where
         downstream_password: shared.downstream_password.clone(),
     };
     let (result, traffic) = relay::run(client, upstream, &ctx, BytesMut::new()).await;
-    let duration_ms = started.elapsed().as_secs_f64() * 1e3;
-    match result {
-        Ok(reason) => tracing::info!(
-            upstream = %upstream_addr,
-            duration_ms = duration_ms.round(),
-            handshake_ms,
-            bytes_from_client = traffic.from_client,
-            bytes_to_client = traffic.to_client,
-            reason = ?reason,
-            "session closed"
-        ),
-        Err(e) => tracing::info!(
-            upstream = %upstream_addr,
-            duration_ms = duration_ms.round(),
-            handshake_ms,
-            bytes_from_client = traffic.from_client,
-            bytes_to_client = traffic.to_client,
-            reason = ?Close::ClientClosed,
-            error = %e,
-            "session closed"
-        ),
-    }
+    let (reason, error) = match &result {
+        Ok(reason) => (format!("{reason:?}"), None),
+        Err(e) => ("Error".to_owned(), Some(e.to_string())),
+    };
+    tracing::info!(
+        upstream = %upstream_addr,
+        duration_ms = started.elapsed().as_millis() as u64,
+        handshake_ms,
+        bytes_from_client = traffic.from_client,
+        bytes_to_client = traffic.to_client,
+        reason,
+        error,
+        "session closed"
+    );
 }
 
 /// Sends a final error reply and closes, letting the client read it first.

@@ -468,20 +468,22 @@ impl Binary {
                 }
             }
         });
+        // Owned from here on, so a failed wait below still kills the process on drop.
+        let mut bin = Binary {
+            child,
+            addr: String::new(),
+            stderr_lines: rx,
+        };
         let deadline = Instant::now() + DEADLINE;
         let mut seen = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx.recv_timeout(left).unwrap_or_else(|_| {
+            let line = bin.stderr_lines.recv_timeout(left).unwrap_or_else(|_| {
                 panic!("no 'listening' line; stderr so far:\n{}", seen.join("\n"))
             });
             if let Some(rest) = line.split("listening address=").nth(1) {
-                let addr = rest.split_whitespace().next().unwrap().to_owned();
-                return Binary {
-                    child,
-                    addr,
-                    stderr_lines: rx,
-                };
+                bin.addr = rest.split_whitespace().next().unwrap().to_owned();
+                return bin;
             }
             seen.push(line);
         }

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Throughput through the ambassador against a direct authenticated connection, in one run,
+# with redis-benchmark: SET and GET, 50 clients, pipelines of 1 and 16. Prints requests per
+# second and the ratio ambassador/direct. Everything on loopback; every run is bounded by -n.
+#
+#   bash bench/redis-benchmark.sh [requests]      (default 200000 per test)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+requests=${1:-200000}
+for tool in redis-server redis-benchmark; do
+  command -v "$tool" >/dev/null || { echo "$tool missing: apt-get install redis-server redis-tools" >&2; exit 1; }
+done
+cargo build --release --quiet
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+redis_port=$(free_port)
+printf 'user default off\nuser bench on >bench-pass ~* &* +@all\n' > "$work/users.acl"
+redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
+  --aclfile "$work/users.acl" --dir "$work" --logfile redis.log &
+pids+=($!)
+printf 'username = "bench"\npassword = "bench-pass"\n' > "$work/creds.toml"
+amb_port=$(free_port)
+RUST_LOG=warn ./target/release/redis-ambassador --listen "127.0.0.1:$amb_port" \
+  --upstream "127.0.0.1:$redis_port" --credentials-file "$work/creds.toml" &
+pids+=($!)
+for _ in $(seq 100); do
+  redis-cli -p "$amb_port" PING 2>/dev/null | grep -q PONG && break
+  sleep 0.1
+done
+
+rps() { # port, pipeline, test, [auth args...]
+  local port=$1 pipeline=$2 test=$3; shift 3
+  redis-benchmark -h 127.0.0.1 -p "$port" "$@" -c 50 -n "$requests" -P "$pipeline" -t "$test" --csv -q 2>/dev/null |
+    awk -F, 'NR>1 || !/test/ { gsub(/"/, "", $2); print $2; exit }'
+}
+printf '%-6s %-4s %14s %14s %8s\n' test P direct ambassador ratio
+for pipeline in 1 16; do
+  for test in set get; do
+    direct=$(rps "$redis_port" "$pipeline" "$test" --user bench -a bench-pass)
+    via=$(rps "$amb_port" "$pipeline" "$test")
+    ratio=$(python3 -c "print(f'{$via/$direct:.2f}')")
+    printf '%-6s %-4s %14s %14s %8s\n' "$test" "$pipeline" "$direct" "$via" "$ratio"
+  done
+done
