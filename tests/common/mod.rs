@@ -353,7 +353,7 @@ impl Raw {
     pub async fn try_reply(&mut self) -> Option<OwnedFrame> {
         let deadline = Instant::now() + DEADLINE;
         loop {
-            if let Some((frame, used)) = decode3(&self.buf).expect("valid RESP from the server") {
+            if let Some((frame, used)) = decode_any(&self.buf) {
                 self.buf.drain(..used);
                 return Some(frame);
             }
@@ -405,6 +405,45 @@ impl Raw {
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
             }
         }
+    }
+}
+
+/// Decodes one RESP2 or RESP3 frame. redis-protocol's RESP3 decoder reads RESP2's `$-1` and
+/// `*-1` nulls as the start of a streamed frame, so RESP2 is tried first and converted.
+pub fn decode_any(buf: &[u8]) -> Option<(OwnedFrame, usize)> {
+    use redis_protocol::resp2::decode::decode as decode2;
+    use redis_protocol::resp2::types::OwnedFrame as F2;
+    fn convert(f: F2) -> OwnedFrame {
+        match f {
+            F2::SimpleString(data) => OwnedFrame::SimpleString {
+                data,
+                attributes: None,
+            },
+            F2::Error(data) => OwnedFrame::SimpleError {
+                data,
+                attributes: None,
+            },
+            F2::Integer(data) => OwnedFrame::Number {
+                data,
+                attributes: None,
+            },
+            F2::BulkString(data) => OwnedFrame::BlobString {
+                data,
+                attributes: None,
+            },
+            F2::Array(items) => OwnedFrame::Array {
+                data: items.into_iter().map(convert).collect(),
+                attributes: None,
+            },
+            F2::Null => OwnedFrame::Null,
+        }
+    }
+    match decode2(buf) {
+        Ok(Some((frame, used))) => Some((convert(frame), used)),
+        // Incomplete as RESP2: complete only if it is RESP3 that RESP2 cannot tell yet.
+        Ok(None) => decode3(buf).ok().flatten(),
+        // A RESP3-only type somewhere in it.
+        Err(_) => decode3(buf).expect("valid RESP from the server"),
     }
 }
 
