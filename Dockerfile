@@ -2,7 +2,7 @@
 # Build: docker build -t redis-ambassador .
 # Run:   docker run --rm -p 6379:6379 -e AMBASSADOR_PROFILE=prod \
 #          -v /path/to/secret:/run/secrets/redis-prod:ro redis-ambassador
-FROM rust:1.85-bookworm AS build
+FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src

@@ -3,10 +3,13 @@
 # with redis-benchmark: SET and GET, 50 clients, pipelines of 1 and 16. Prints requests per
 # second and the ratio ambassador/direct. Everything on loopback; every run is bounded by -n.
 #
-#   bash bench/redis-benchmark.sh [requests]      (default 200000 per test)
+#   bash bench/redis-benchmark.sh [requests] [rounds]   (defaults: 200000 per test, 3 rounds)
+# Direct and ambassador runs alternate, round after round, and the median of each is shown,
+# so a noisy neighbour on a small machine skews both sides alike.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 requests=${1:-200000}
+rounds=${2:-3}
 for tool in redis-server redis-benchmark; do
   command -v "$tool" >/dev/null || { echo "$tool missing: apt-get install redis-server redis-tools" >&2; exit 1; }
 done
@@ -24,7 +27,7 @@ redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
 pids+=($!)
 printf 'username = "bench"\npassword = "bench-pass"\n' > "$work/creds.toml"
 amb_port=$(free_port)
-RUST_LOG=warn ./target/release/redis-ambassador --listen "127.0.0.1:$amb_port" \
+RUST_LOG=warn ${AMBASSADOR_BIN:-./target/release/redis-ambassador} --listen "127.0.0.1:$amb_port" \
   --upstream "127.0.0.1:$redis_port" --credentials-file "$work/creds.toml" &
 pids+=($!)
 for _ in $(seq 100); do
@@ -37,12 +40,18 @@ rps() { # port, pipeline, test, [auth args...]
   redis-benchmark -h 127.0.0.1 -p "$port" "$@" -c 50 -n "$requests" -P "$pipeline" -t "$test" --csv -q 2>/dev/null |
     awk -F, 'NR>1 || !/test/ { gsub(/"/, "", $2); print $2; exit }'
 }
+median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 printf '%-6s %-4s %14s %14s %8s\n' test P direct ambassador ratio
 for pipeline in 1 16; do
   for test in set get; do
-    direct=$(rps "$redis_port" "$pipeline" "$test" --user bench -a bench-pass)
-    via=$(rps "$amb_port" "$pipeline" "$test")
+    d=() a=()
+    for _ in $(seq "$rounds"); do
+      d+=("$(rps "$redis_port" "$pipeline" "$test" --user bench -a bench-pass)")
+      a+=("$(rps "$amb_port" "$pipeline" "$test")")
+    done
+    direct=$(printf '%s\n' "${d[@]}" | median)
+    via=$(printf '%s\n' "${a[@]}" | median)
     ratio=$(python3 -c "print(f'{$via/$direct:.2f}')")
-    printf '%-6s %-4s %14s %14s %8s\n' "$test" "$pipeline" "$direct" "$via" "$ratio"
+    printf '%-6s %-4s %14.0f %14.0f %8s\n' "$test" "$pipeline" "$direct" "$via" "$ratio"
   done
 done

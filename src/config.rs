@@ -39,10 +39,23 @@ pub struct Config {
     pub upstream: Upstream,
     pub credentials_file: PathBuf,
     pub credentials: Credentials,
+    /// The username from the profile, for reloads of a file that holds only a password.
+    pub credentials_username: Option<String>,
+    /// Re-authenticate open sessions when the credentials change.
+    pub reauth_open_sessions: bool,
     pub handshake: Handshake,
-    pub admin_address: Option<SocketAddr>,
+    pub admin: Admin,
     pub drain_timeout: Duration,
     pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub address: Option<SocketAddr>,
+    /// How often the ambassador probes the upstream on a connection of its own.
+    pub probe_interval: Duration,
+    /// `/readyz` fails when the upstream was last reached longer ago than this.
+    pub ready_within: Duration,
 }
 
 #[derive(Debug)]
@@ -50,6 +63,9 @@ pub struct Listen {
     pub address: ListenAddress,
     pub max_clients: usize,
     pub password: Option<DownstreamPassword>,
+    /// Close a session idle (no byte either way) this long; off by default, because a
+    /// blocking pop may rightly wait forever.
+    pub idle_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +88,24 @@ pub struct Upstream {
     pub address: HostPort,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
+    pub expect: UpstreamExpect,
+}
+
+/// What the profile expects of its upstream, so a pod with the wrong environment's secret or
+/// address fails loudly instead of writing to the wrong Redis.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamExpect {
+    /// The user `ACL WHOAMI` must answer.
+    pub user: Option<String>,
+    /// Fields of `INFO server` and the values they must have.
+    pub info: std::collections::BTreeMap<String, String>,
+}
+
+impl UpstreamExpect {
+    pub fn is_empty(&self) -> bool {
+        self.user.is_none() && self.info.is_empty()
+    }
 }
 
 /// `host:port`, the host resolved again for every new connection.
@@ -178,6 +212,8 @@ struct RawListen {
     address: Option<String>,
     max_clients: Option<i64>,
     require_password_file: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    idle_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -192,6 +228,7 @@ struct RawUpstream {
     #[serde(with = "humantime_serde")]
     handshake_timeout: Option<Duration>,
     tls: Option<RawTls>,
+    expect: Option<UpstreamExpect>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -217,6 +254,7 @@ struct RawTls {
 struct RawCredentials {
     file: Option<PathBuf>,
     username: Option<String>,
+    reauth_open_sessions: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -230,6 +268,10 @@ struct RawHandshake {
 #[serde(deny_unknown_fields, default)]
 struct RawAdmin {
     address: Option<String>,
+    #[serde(with = "humantime_serde")]
+    probe_interval: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    ready_within: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -432,17 +474,37 @@ fn validate(raw: Raw, profile: String, mut errors: ConfigErrors) -> Result<Confi
         &mut errors,
         "upstream.connect_timeout",
         raw.upstream.connect_timeout,
+        3,
     );
     let handshake_timeout = positive(
         &mut errors,
         "upstream.handshake_timeout",
         raw.upstream.handshake_timeout,
+        3,
     );
+    let probe_interval = positive(
+        &mut errors,
+        "admin.probe_interval",
+        raw.admin.probe_interval,
+        5,
+    );
+    let ready_within = raw.admin.ready_within.unwrap_or(probe_interval * 3);
+    if ready_within < probe_interval {
+        errors.add(
+            "admin.ready_within",
+            "must be at least admin.probe_interval",
+        );
+    }
+    let idle_timeout = match raw.listen.idle_timeout {
+        Some(d) if d.is_zero() => None,
+        other => other,
+    };
     let drain_timeout = raw
         .shutdown
         .drain_timeout
         .unwrap_or(Duration::from_secs(30));
 
+    let credentials_username = raw.credentials.username.clone();
     let credentials = match raw.credentials.file.as_deref() {
         Some(path) => Credentials::load(path, raw.credentials.username.as_deref())
             .map_err(|e| errors.add("credentials.file", e.to_string()))
@@ -499,19 +561,27 @@ fn validate(raw: Raw, profile: String, mut errors: ConfigErrors) -> Result<Confi
                     address,
                     max_clients,
                     password,
+                    idle_timeout,
                 },
                 upstream: Upstream {
                     address: upstream,
                     connect_timeout,
                     handshake_timeout,
+                    expect: raw.upstream.expect.unwrap_or_default(),
                 },
                 credentials_file,
                 credentials,
+                credentials_username,
+                reauth_open_sessions: raw.credentials.reauth_open_sessions.unwrap_or(true),
                 handshake: Handshake {
                     client_name: raw.handshake.client_name,
                     database,
                 },
-                admin_address,
+                admin: Admin {
+                    address: admin_address,
+                    probe_interval,
+                    ready_within,
+                },
                 drain_timeout,
                 log_format,
             })
@@ -520,12 +590,18 @@ fn validate(raw: Raw, profile: String, mut errors: ConfigErrors) -> Result<Confi
     }
 }
 
-fn positive(errors: &mut ConfigErrors, key: &str, value: Option<Duration>) -> Duration {
+fn positive(
+    errors: &mut ConfigErrors,
+    key: &str,
+    value: Option<Duration>,
+    default_secs: u64,
+) -> Duration {
+    let default = Duration::from_secs(default_secs);
     match value {
-        None => Duration::from_secs(3),
+        None => default,
         Some(d) if d.is_zero() => {
             errors.add(key, "must be longer than 0s");
-            Duration::from_secs(3)
+            default
         }
         Some(d) => d,
     }

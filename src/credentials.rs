@@ -5,13 +5,14 @@
 //! the upstream socket and nowhere else. `expose_secret()` is called here and nowhere else.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use secrecy::zeroize::Zeroizing;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 use thiserror::Error;
+use tokio::sync::watch;
 
 /// A credential file could not be used. Never carries any of the file's content.
 #[derive(Debug, Error)]
@@ -111,27 +112,44 @@ impl Credentials {
     }
 }
 
-/// The credentials new connections use. A reload swaps them; sessions already open keep the
-/// `Arc` they started with.
+/// The credentials new connections use. A reload swaps them; open sessions hold a receiver
+/// and re-authenticate when they change (see the relay).
 #[derive(Debug, Clone)]
 pub struct CredentialStore {
-    current: Arc<RwLock<Arc<Credentials>>>,
+    current: Arc<watch::Sender<Arc<Credentials>>>,
 }
 
 impl CredentialStore {
     pub fn new(credentials: Credentials) -> Self {
         CredentialStore {
-            current: Arc::new(RwLock::new(Arc::new(credentials))),
+            current: Arc::new(watch::Sender::new(Arc::new(credentials))),
         }
     }
 
     pub fn current(&self) -> Arc<Credentials> {
-        // A writer never panics while holding the lock, so poisoning cannot hide a value.
-        Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
+        Arc::clone(&self.current.borrow())
+    }
+
+    /// A receiver that sees every later replacement.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Credentials>> {
+        self.current.subscribe()
     }
 
     pub fn replace(&self, credentials: Credentials) {
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(credentials);
+        self.current.send_replace(Arc::new(credentials));
+    }
+}
+
+impl Credentials {
+    /// Whether `other` holds the same username and password (compared in constant time).
+    pub fn same_as(&self, other: &Credentials) -> bool {
+        let same_password: bool = self
+            .password
+            .expose_secret()
+            .as_bytes()
+            .ct_eq(other.password.expose_secret().as_bytes())
+            .into();
+        same_password && self.username == other.username
     }
 }
 

@@ -23,7 +23,9 @@ pub const HELLO_TOO_LONG: &[u8] = b"-ERR ambassador: HELLO with more than 16 arg
 pub enum Replies {
     /// Exactly one reply (errors and `+QUEUED` included).
     One,
-    /// An unknown number from now on (pub/sub, MONITOR, CLIENT REPLY), until a RESET.
+    /// No reply: `CLIENT REPLY OFF` is in force, or `CLIENT REPLY SKIP` preceded it.
+    None,
+    /// An unknown number from now on (pub/sub, MONITOR), until a RESET.
     Untracked,
 }
 
@@ -41,11 +43,12 @@ pub enum Action<'a> {
     /// Send the client's bytes upstream unchanged.
     Forward(Replies),
     /// Send the profile's `AUTH` instead; its reply (`+OK`) arrives in order.
-    Auth,
+    Auth(Replies),
     /// Send `HELLO` made of these parts instead.
-    Hello(Vec<HelloPart<'a>>),
+    Hello(Vec<HelloPart<'a>>, Replies),
     /// Forward, then re-authenticate before anything else; only `+RESET` reaches the client.
-    Reset,
+    /// `replied` is false when a `CLIENT REPLY SKIP` swallows RESET's own reply.
+    Reset { replied: bool },
     /// Forward; the upstream replies and closes, and so does the client connection.
     Quit,
     /// Forward; from then on both directions are opaque bytes (replication stream).
@@ -54,6 +57,8 @@ pub enum Action<'a> {
     Answer(&'static [u8]),
     /// Reply locally, then close the client connection.
     AnswerAndClose(&'static [u8]),
+    /// Forward nothing and reply nothing (a local reply that `CLIENT REPLY` suppresses).
+    Drop,
 }
 
 /// Commands that must be held whole, because their arguments decide what is sent upstream or
@@ -71,6 +76,12 @@ pub fn needs_whole(name: &[u8]) -> bool {
 pub struct Filter {
     password_required: bool,
     pub authenticated: bool,
+    /// A MULTI is open: commands are queued, not run, until EXEC or DISCARD.
+    pub in_multi: bool,
+    /// `CLIENT REPLY OFF` is in force: no command gets a reply until `CLIENT REPLY ON`.
+    reply_off: bool,
+    /// `CLIENT REPLY SKIP` was sent: the next command gets no reply.
+    skip_next: bool,
 }
 
 impl Filter {
@@ -78,6 +89,9 @@ impl Filter {
         Filter {
             password_required,
             authenticated: !password_required,
+            in_multi: false,
+            reply_off: false,
+            skip_next: false,
         }
     }
 
@@ -105,55 +119,111 @@ impl Filter {
         }
         if is("reset") && cmd.argc == 1 {
             if !self.authenticated {
-                return Action::Answer(RESET);
+                return self.local(RESET);
             }
+            // RESET turns CLIENT REPLY back on, but a SKIP before it still eats its reply.
+            let replied = !std::mem::take(&mut self.skip_next);
+            self.reply_off = false;
             self.authenticated = !self.password_required;
-            return Action::Reset;
+            self.in_multi = false;
+            return Action::Reset { replied };
         }
         if !self.authenticated {
-            return Action::Answer(NOAUTH);
+            return self.local(NOAUTH);
         }
         if is("sync") || is("psync") {
             return Action::Replication;
         }
+        if is("client") && cmd.is(1, "reply") {
+            return Action::Forward(self.client_reply(cmd));
+        }
         let untracked = ["subscribe", "psubscribe", "ssubscribe", "unsubscribe"]
             .iter()
             .chain(&["punsubscribe", "sunsubscribe", "monitor"])
-            .any(|n| is(n))
-            || (is("client") && cmd.is(1, "reply"));
-        Action::Forward(if untracked {
+            .any(|n| is(n));
+        let replies = if untracked {
             Replies::Untracked
         } else {
+            self.next_replies()
+        };
+        if is("multi") {
+            self.in_multi = true;
+        } else if is("exec") || is("discard") {
+            self.in_multi = false;
+        }
+        Action::Forward(replies)
+    }
+
+    /// Whether the next command gets a reply, under CLIENT REPLY.
+    fn next_replies(&mut self) -> Replies {
+        if std::mem::take(&mut self.skip_next) || self.reply_off {
+            Replies::None
+        } else {
             Replies::One
-        })
+        }
+    }
+
+    /// A reply of the ambassador's own, unless CLIENT REPLY suppresses it, as Redis would.
+    fn local(&mut self, reply: &'static [u8]) -> Action<'static> {
+        match self.next_replies() {
+            Replies::None => Action::Drop,
+            _ => Action::Answer(reply),
+        }
+    }
+
+    /// `CLIENT REPLY ON|OFF|SKIP`, modelled as Redis runs it: ON always answers `+OK`; OFF and
+    /// SKIP answer nothing; SKIP silences the command after it. Inside MULTI it would only run
+    /// at EXEC, so the count is given up until the next RESET.
+    fn client_reply(&mut self, cmd: &Command<'_>) -> Replies {
+        if self.in_multi {
+            return Replies::Untracked;
+        }
+        if cmd.argc != 3 {
+            return self.next_replies();
+        }
+        if cmd.is(2, "on") {
+            self.reply_off = false;
+            self.skip_next = false;
+            Replies::One
+        } else if cmd.is(2, "off") {
+            self.reply_off = true;
+            self.skip_next = false;
+            Replies::None
+        } else if cmd.is(2, "skip") {
+            // SKIP is itself the command a pending SKIP silences; then it arms its own.
+            self.skip_next = true;
+            Replies::None
+        } else {
+            self.next_replies()
+        }
     }
 
     fn auth<'a>(&mut self, cmd: &Command<'a>, password_ok: impl Fn(&[u8]) -> bool) -> Action<'a> {
         if !self.password_required {
-            return Action::Auth;
+            return Action::Auth(self.next_replies());
         }
         let password = match cmd.argc {
             2 => cmd.arg(1),
             3 => cmd.arg(2),
-            _ => return Action::Answer(AUTH_ARITY),
+            _ => return self.local(AUTH_ARITY),
         };
         match password {
             Some(p) if password_ok(p) => {
                 let was = std::mem::replace(&mut self.authenticated, true);
                 // Before the client authenticated, nothing is in flight: answer at once.
                 if was {
-                    Action::Auth
+                    Action::Auth(self.next_replies())
                 } else {
-                    Action::Answer(OK)
+                    self.local(OK)
                 }
             }
-            _ => Action::Answer(WRONGPASS),
+            _ => self.local(WRONGPASS),
         }
     }
 
     fn hello<'a>(&mut self, cmd: &Command<'a>, password_ok: impl Fn(&[u8]) -> bool) -> Action<'a> {
         let Some(args) = cmd.all() else {
-            return Action::Answer(HELLO_TOO_LONG);
+            return self.local(HELLO_TOO_LONG);
         };
         let mut parts: Vec<HelloPart> = args.iter().take(2).map(|a| HelloPart::Keep(a)).collect();
         let mut offered = None;
@@ -181,15 +251,16 @@ impl Filter {
         if self.password_required {
             match offered {
                 Some(p) if password_ok(p) => self.authenticated = true,
-                Some(_) => return Action::Answer(WRONGPASS),
-                None if !self.authenticated => return Action::Answer(HELLO_NOAUTH),
+                Some(_) => return self.local(WRONGPASS),
+                None if !self.authenticated => return self.local(HELLO_NOAUTH),
                 None => {}
             }
         }
+        let replies = self.next_replies();
         if offered.is_none() && parts.len() == args.len() {
-            return Action::Forward(Replies::One);
+            return Action::Forward(replies);
         }
-        Action::Hello(parts)
+        Action::Hello(parts, replies)
     }
 }
 
@@ -209,9 +280,10 @@ mod tests {
     #[test]
     fn client_auth_is_always_replaced_without_a_downstream_password() {
         let mut f = Filter::new(false);
-        assert_eq!(f.decide(&cmd(&["AUTH", "x"]), never), Action::Auth);
-        assert_eq!(f.decide(&cmd(&["auth", "u", "x"]), never), Action::Auth);
-        assert_eq!(f.decide(&cmd(&["AUTH"]), never), Action::Auth);
+        let auth = Action::Auth(Replies::One);
+        assert_eq!(f.decide(&cmd(&["AUTH", "x"]), never), auth);
+        assert_eq!(f.decide(&cmd(&["auth", "u", "x"]), never), auth);
+        assert_eq!(f.decide(&cmd(&["AUTH"]), never), auth);
     }
 
     #[test]
@@ -223,13 +295,16 @@ mod tests {
         );
         assert_eq!(
             a,
-            Action::Hello(vec![
-                HelloPart::Keep(b"HELLO"),
-                HelloPart::Keep(b"3"),
-                HelloPart::ProfileAuth,
-                HelloPart::Keep(b"SETNAME"),
-                HelloPart::Keep(b"n"),
-            ])
+            Action::Hello(
+                vec![
+                    HelloPart::Keep(b"HELLO"),
+                    HelloPart::Keep(b"3"),
+                    HelloPart::ProfileAuth,
+                    HelloPart::Keep(b"SETNAME"),
+                    HelloPart::Keep(b"n"),
+                ],
+                Replies::One
+            )
         );
         assert_eq!(
             f.decide(&cmd(&["HELLO", "3"]), never),
@@ -238,11 +313,14 @@ mod tests {
         // A malformed AUTH keeps the server's error but drops what follows it.
         assert_eq!(
             f.decide(&cmd(&["HELLO", "3", "AUTH", "secret"]), never),
-            Action::Hello(vec![
-                HelloPart::Keep(b"HELLO"),
-                HelloPart::Keep(b"3"),
-                HelloPart::Keep(b"AUTH")
-            ])
+            Action::Hello(
+                vec![
+                    HelloPart::Keep(b"HELLO"),
+                    HelloPart::Keep(b"3"),
+                    HelloPart::Keep(b"AUTH")
+                ],
+                Replies::One
+            )
         );
     }
 
@@ -268,8 +346,14 @@ mod tests {
             f.decide(&cmd(&["AUTH", "wrong"]), ok),
             Action::Answer(WRONGPASS)
         );
-        assert_eq!(f.decide(&cmd(&["AUTH", "any", "right"]), ok), Action::Auth);
-        assert_eq!(f.decide(&cmd(&["RESET"]), ok), Action::Reset);
+        assert_eq!(
+            f.decide(&cmd(&["AUTH", "any", "right"]), ok),
+            Action::Auth(Replies::One)
+        );
+        assert_eq!(
+            f.decide(&cmd(&["RESET"]), ok),
+            Action::Reset { replied: true }
+        );
         assert_eq!(f.decide(&cmd(&["GET", "k"]), ok), Action::Answer(NOAUTH));
     }
 
@@ -278,10 +362,6 @@ mod tests {
         let mut f = Filter::new(false);
         assert_eq!(
             f.decide(&cmd(&["SUBSCRIBE", "c"]), never),
-            Action::Forward(Replies::Untracked)
-        );
-        assert_eq!(
-            f.decide(&cmd(&["client", "reply", "off"]), never),
             Action::Forward(Replies::Untracked)
         );
         assert_eq!(
@@ -295,6 +375,41 @@ mod tests {
         assert_eq!(
             f.decide(&cmd(&["psync", "?", "-1"]), never),
             Action::Replication
+        );
+    }
+
+    #[test]
+    fn client_reply_is_modelled_as_redis_runs_it() {
+        let mut f = Filter::new(false);
+        let none = Action::Forward(Replies::None);
+        let one = Action::Forward(Replies::One);
+        assert_eq!(f.decide(&cmd(&["client", "reply", "off"]), never), none);
+        assert_eq!(f.decide(&cmd(&["PING"]), never), none);
+        assert_eq!(f.decide(&cmd(&["CLIENT", "REPLY", "ON"]), never), one);
+        assert_eq!(f.decide(&cmd(&["CLIENT", "REPLY", "SKIP"]), never), none);
+        assert_eq!(f.decide(&cmd(&["CLIENT", "REPLY", "SKIP"]), never), none);
+        assert_eq!(
+            f.decide(&cmd(&["PING"]), never),
+            none,
+            "the second SKIP silences it"
+        );
+        assert_eq!(f.decide(&cmd(&["PING"]), never), one);
+        assert_eq!(
+            f.decide(&cmd(&["CLIENT", "REPLY", "FOO"]), never),
+            one,
+            "a syntax error"
+        );
+        assert_eq!(f.decide(&cmd(&["CLIENT", "REPLY", "SKIP"]), never), none);
+        assert_eq!(
+            f.decide(&cmd(&["RESET"]), never),
+            Action::Reset { replied: false }
+        );
+        assert_eq!(f.decide(&cmd(&["PING"]), never), one);
+        assert_eq!(f.decide(&cmd(&["MULTI"]), never), one);
+        assert_eq!(
+            f.decide(&cmd(&["CLIENT", "REPLY", "OFF"]), never),
+            Action::Forward(Replies::Untracked),
+            "queued inside MULTI: not modelled"
         );
     }
 }

@@ -9,23 +9,29 @@
 //! 4. [`handshake`]: the ambassador's own AUTH / CLIENT SETNAME / SELECT, within a limit.
 //! 5. [`relay`]: both directions; client commands framed by [`resp`] and judged by [`filter`].
 //!
-//! Around them: [`config`] (layers -> validated `Config`) and [`credentials`] (the credential
-//! file, and the only place a secret is looked at).
+//! Around them: [`config`] (layers -> validated `Config`), [`credentials`] (the credential
+//! file, and the only place a secret is looked at), [`rotation`] (reloading it), [`probe`]
+//! (the ambassador's own upstream connections: readiness, `--check`, testing new
+//! credentials), [`metrics`] and [`admin`] (`/healthz`, `/readyz`, `/metrics`).
 
-pub mod check;
+pub mod admin;
 pub mod config;
 pub mod credentials;
 pub mod filter;
 pub mod handshake;
 pub mod listener;
+pub mod metrics;
+pub mod probe;
 pub mod relay;
 pub mod resp;
+pub mod rotation;
 pub mod session;
 pub mod upstream;
 
 use std::future::Future;
 use std::sync::Arc;
 
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -33,16 +39,29 @@ pub use config::Config;
 pub use listener::Listener;
 
 use credentials::CredentialStore;
+use metrics::Metrics;
 use session::Shared;
 
-/// Serves clients from `listener` until `shutdown` completes, then stops accepting, gives
-/// open sessions `drain_timeout` to finish, and closes the rest.
-pub async fn run(config: Config, listener: Listener, shutdown: impl Future<Output = ()>) {
+/// Serves clients from `listener` (and the admin endpoints from `admin`, when given) until
+/// `shutdown` completes; then `/readyz` turns false, the listener stops accepting, open
+/// sessions get `drain_timeout` to finish, and the rest are closed.
+pub async fn run(
+    config: Config,
+    listener: Listener,
+    admin: Option<TcpListener>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let metrics = Arc::new(Metrics::new());
+    metrics.set_target(&config.upstream.address.to_string());
+    let credentials = CredentialStore::new(config.credentials);
     let shared = Arc::new(Shared {
         upstream: config.upstream.clone(),
         handshake: config.handshake.clone(),
-        credentials: CredentialStore::new(config.credentials),
+        credentials: credentials.clone(),
+        reauth_open_sessions: config.reauth_open_sessions,
         downstream_password: config.listen.password.map(Arc::new),
+        idle_timeout: config.listen.idle_timeout,
+        metrics: Arc::clone(&metrics),
     });
     tracing::info!(
         address = %listener.local_address(),
@@ -50,6 +69,41 @@ pub async fn run(config: Config, listener: Listener, shutdown: impl Future<Outpu
         profile = %config.profile,
         "listening"
     );
+    // Background work ends when `background` is cancelled, after the drain.
+    let background = CancellationToken::new();
+    let helpers = TaskTracker::new();
+    if let Some(admin) = admin {
+        tracing::info!(address = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin endpoint listening");
+        let stop = background.clone();
+        helpers.spawn(admin::serve(
+            admin,
+            Arc::clone(&metrics),
+            config.admin.ready_within,
+            async move { stop.cancelled().await },
+        ));
+    }
+    helpers.spawn(probe::keep_probing(
+        config.upstream.clone(),
+        config.handshake.clone(),
+        config.upstream.expect.clone(),
+        credentials.clone(),
+        Arc::clone(&metrics),
+        config.admin.probe_interval,
+        background.clone(),
+    ));
+    helpers.spawn(
+        rotation::Reloader {
+            path: config.credentials_file.clone(),
+            default_username: config.credentials_username.clone(),
+            store: credentials,
+            upstream: config.upstream.clone(),
+            handshake: config.handshake.clone(),
+            expect: config.upstream.expect.clone(),
+            metrics: Arc::clone(&metrics),
+        }
+        .run(background.clone()),
+    );
+
     let stop = CancellationToken::new();
     let kill = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -65,6 +119,7 @@ pub async fn run(config: Config, listener: Listener, shutdown: impl Future<Outpu
     tokio::select! {
         _ = &mut accepting => {}
         _ = shutdown => {
+            metrics.set_draining();
             stop.cancel();
             accepting.await;
         }
@@ -75,8 +130,15 @@ pub async fn run(config: Config, listener: Listener, shutdown: impl Future<Outpu
         .await
         .is_err()
     {
+        tracing::warn!(
+            sessions = tracker.len(),
+            "drain time over: closing the remaining sessions"
+        );
         kill.cancel();
         tracker.wait().await;
     }
+    background.cancel();
+    helpers.close();
+    helpers.wait().await;
     tracing::info!("stopped");
 }

@@ -80,10 +80,12 @@ pub async fn accept_loop(
         let permit = Arc::clone(&slots).try_acquire_owned().ok();
         let shared = Arc::clone(&shared);
         let kill = kill.clone();
+        shared.metrics.clients_total.inc();
         tracker.spawn(
             async move {
                 let Some(_permit) = permit else {
                     tracing::warn!(max_clients, "refused: max number of clients reached");
+                    shared.metrics.refused("max_clients");
                     let mut stream = stream;
                     match &mut stream {
                         Stream::Tcp(s) => session::refuse(s, MAX_CLIENTS).await,
@@ -91,10 +93,13 @@ pub async fn accept_loop(
                     }
                     return;
                 };
+                let metrics = Arc::clone(&shared.metrics);
+                metrics.clients_active.inc();
                 tokio::select! {
-                    _ = kill.cancelled() => tracing::info!(reason = "shutdown", "session closed"),
+                    _ = kill.cancelled() => tracing::info!(reason = "Shutdown", "session closed"),
                     _ = serve(stream, shared) => {}
                 }
+                metrics.clients_active.dec();
             }
             .instrument(span),
         );

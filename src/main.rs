@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use redis_ambassador::config::{Config, LoadOptions, LogFormat};
-use redis_ambassador::{check, Listener};
+use redis_ambassador::{probe, Listener};
 
 /// Exit status for an invalid configuration (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -37,6 +37,10 @@ struct Cli {
     /// Validate, connect and authenticate once, print a redacted summary, exit 0 or 1
     #[arg(long)]
     check: bool,
+    /// Ask the running ambassador's admin endpoint (admin.address) whether it is alive, exit
+    /// 0 or 1: the container HEALTHCHECK, for images without a shell or curl
+    #[arg(long)]
+    healthcheck: bool,
 }
 
 fn main() -> ExitCode {
@@ -94,16 +98,10 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         if cli.check {
-            return match check::run(&config).await {
-                Ok(report) => {
-                    println!("{}\n{report}\ncheck: ok", config.summary());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    println!("{}\ncheck: FAILED: {e}", config.summary());
-                    ExitCode::FAILURE
-                }
-            };
+            return check(&config).await;
+        }
+        if cli.healthcheck {
+            return healthcheck(&config).await;
         }
         let listener = match Listener::bind(&config.listen.address).await {
             Ok(l) => l,
@@ -112,9 +110,72 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        redis_ambassador::run(config, listener, shutdown_signal()).await;
+        let admin = match config.admin.address {
+            Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    tracing::error!(address = %addr, error = %e, "cannot listen for the admin endpoint");
+                    return ExitCode::FAILURE;
+                }
+            },
+            None => None,
+        };
+        redis_ambassador::run(config, listener, admin, shutdown_signal()).await;
         ExitCode::SUCCESS
     })
+}
+
+/// `--check`: the summary, then one probe connection with the profile's credentials.
+async fn check(config: &Config) -> ExitCode {
+    println!("{}", config.summary());
+    match probe::probe(
+        &config.upstream,
+        &config.credentials,
+        &config.handshake,
+        &config.upstream.expect,
+    )
+    .await
+    {
+        Ok(report) => {
+            println!(
+                "connected: {}\nauthenticated as: {}\nserver version: {}\ncheck: ok",
+                report.address,
+                report.whoami,
+                report.version()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("check: FAILED: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--healthcheck`: GET /healthz on the admin endpoint. Two lines of HTTP/1.0 are all a
+/// liveness probe needs; an HTTP client crate would add more than it saves here.
+async fn healthcheck(config: &Config) -> ExitCode {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(addr) = config.admin.address else {
+        eprintln!("redis-ambassador: --healthcheck needs admin.address");
+        return ExitCode::FAILURE;
+    };
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await?;
+        let mut reply = Vec::new();
+        s.read_to_end(&mut reply).await?;
+        Ok::<_, std::io::Error>(reply)
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(3), exchange).await {
+        Ok(Ok(reply))
+            if reply.starts_with(b"HTTP/1.1 200") || reply.starts_with(b"HTTP/1.0 200") =>
+        {
+            ExitCode::SUCCESS
+        }
+        _ => ExitCode::FAILURE,
+    }
 }
 
 fn init_tracing(format: LogFormat) {

@@ -114,30 +114,50 @@ impl Request {
     }
 }
 
-/// The leading arguments of a command, borrowed from the client's buffer.
-#[derive(Debug, Clone, Copy)]
+/// A command's arguments, borrowed from the client's buffer: all of them for a command held
+/// whole, the leading [`HEAD_ARGS`] of one that streams.
+#[derive(Debug, Clone)]
 pub struct Command<'a> {
     /// How many arguments the command declares in all.
     pub argc: u64,
-    head: [&'a [u8]; HEAD_ARGS],
-    known: usize,
+    args: Args<'a>,
+}
+
+#[derive(Debug, Clone)]
+enum Args<'a> {
+    Ranges {
+        buf: &'a [u8],
+        ranges: &'a [(usize, usize)],
+    },
+    Inline(&'a [Vec<u8>]),
+    Slices(Vec<&'a [u8]>),
 }
 
 impl<'a> Command<'a> {
     pub fn new(args: &[&'a [u8]]) -> Self {
-        let mut head: [&[u8]; HEAD_ARGS] = [&[]; HEAD_ARGS];
-        let known = args.len().min(HEAD_ARGS);
-        head[..known].copy_from_slice(&args[..known]);
         Command {
             argc: args.len() as u64,
-            head,
-            known,
+            args: Args::Slices(args.to_vec()),
         }
     }
 
-    /// Argument `i`, if it is among the leading ones the framer kept.
+    fn known(&self) -> usize {
+        match &self.args {
+            Args::Ranges { ranges, .. } => ranges.len(),
+            Args::Inline(a) => a.len(),
+            Args::Slices(a) => a.len(),
+        }
+    }
+
+    /// Argument `i`, if the framer kept it.
     pub fn arg(&self, i: usize) -> Option<&'a [u8]> {
-        (i < self.known).then(|| self.head[i])
+        match &self.args {
+            Args::Ranges { buf, ranges } => {
+                ranges.get(i).map(|&(start, len)| &buf[start..start + len])
+            }
+            Args::Inline(a) => a.get(i).map(Vec::as_slice),
+            Args::Slices(a) => a.get(i).copied(),
+        }
     }
 
     /// Whether argument `i` is `word`, ignoring ASCII case.
@@ -147,8 +167,9 @@ impl<'a> Command<'a> {
     }
 
     /// All arguments, when every one of them was kept.
-    pub fn all(&self) -> Option<&[&'a [u8]]> {
-        (self.known as u64 == self.argc).then(|| &self.head[..self.known])
+    pub fn all(&self) -> Option<Vec<&'a [u8]>> {
+        let known = self.known();
+        (known as u64 == self.argc).then(|| (0..known).filter_map(|i| self.arg(i)).collect())
     }
 }
 
@@ -177,8 +198,9 @@ pub struct RequestFramer {
     seen: u64,
     /// Bytes of the current bulk (payload and its CRLF) not yet parsed.
     bulk_left: u64,
-    /// Start and length of the leading arguments, relative to the buffer front.
-    head: [(usize, usize); HEAD_ARGS],
+    /// Start and length of the arguments (all of them for a command held whole, the leading
+    /// [`HEAD_ARGS`] for one that streams), relative to the buffer front.
+    args: Vec<(usize, usize)>,
     /// The current command is forwarded while it arrives.
     streaming: bool,
     /// Some of the current command was already handed out as a stream piece.
@@ -204,7 +226,7 @@ impl RequestFramer {
             argc: 0,
             seen: 0,
             bulk_left: 0,
-            head: [(0, 0); HEAD_ARGS],
+            args: Vec::new(),
             streaming: false,
             handed_out: false,
             shift: 0,
@@ -215,19 +237,19 @@ impl RequestFramer {
     /// The arguments of the command just reported by `Command` or `StreamStart`.
     /// `buf` must be the same buffer, before the caller removed the event's bytes.
     pub fn command<'a>(&'a self, buf: &'a [u8]) -> Command<'a> {
-        if !self.inline_args.is_empty() {
-            let args: Vec<&[u8]> = self.inline_args.iter().map(Vec::as_slice).collect();
-            return Command::new(&args);
-        }
-        let known = (self.seen.min(HEAD_ARGS as u64)) as usize;
-        let mut head: [&[u8]; HEAD_ARGS] = [&[]; HEAD_ARGS];
-        for (slot, &(start, len)) in head.iter_mut().zip(&self.head[..known]) {
-            *slot = &buf[start..start + len];
-        }
+        let args = if self.inline_args.is_empty() {
+            // Only arguments read to their end are in the buffer whole.
+            let complete = self.args.len().min(self.seen as usize);
+            Args::Ranges {
+                buf,
+                ranges: &self.args[..complete],
+            }
+        } else {
+            Args::Inline(&self.inline_args)
+        };
         Command {
             argc: self.argc,
-            head,
-            known,
+            args,
         }
     }
 
@@ -279,6 +301,7 @@ impl RequestFramer {
                         return Err(ProtocolError::UnauthenticatedMultibulkLength);
                     }
                     self.argc = n as u64;
+                    self.args.clear();
                     self.seen = 0;
                     self.streaming = false;
                     self.handed_out = false;
@@ -306,8 +329,8 @@ impl RequestFramer {
                         return Err(ProtocolError::UnauthenticatedBulkLength);
                     }
                     self.pos = line_end + 2;
-                    if (self.seen as usize) < HEAD_ARGS {
-                        self.head[self.seen as usize] = (self.pos, n as usize);
+                    if self.args.len() < HEAD_ARGS || !self.streaming {
+                        self.args.push((self.pos, n as usize));
                     }
                     // A long first argument is no command name the filter knows: stream it.
                     if self.seen == 0 && n > NAME_MAX {
@@ -423,7 +446,7 @@ impl RequestFramer {
     }
 
     fn name<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
-        let (start, len) = self.head[0];
+        let (start, len) = self.args[0];
         &buf[start..start + len]
     }
 

@@ -1,7 +1,7 @@
 //! One client's life: connect upstream -> handshake -> relay, then one closing log line.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -9,6 +9,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use crate::config::{Handshake, Upstream};
 use crate::credentials::{CredentialStore, DownstreamPassword};
 use crate::handshake::{self, HandshakeError};
+use crate::metrics::Metrics;
 use crate::relay::{self, Context};
 use crate::upstream;
 
@@ -17,7 +18,10 @@ pub struct Shared {
     pub upstream: Upstream,
     pub handshake: Handshake,
     pub credentials: CredentialStore,
+    pub reauth_open_sessions: bool,
     pub downstream_password: Option<Arc<DownstreamPassword>>,
+    pub idle_timeout: Option<Duration>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Serves one client until either side closes.
@@ -26,7 +30,15 @@ where
     C: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let started = Instant::now();
-    let credentials = shared.credentials.current();
+    let metrics = &shared.metrics;
+    if let Some(why) = metrics.mismatch() {
+        let reply = format!("-ERR ambassador: upstream does not match the profile ({why})\r\n");
+        refuse(&mut client, reply.as_bytes()).await;
+        return;
+    }
+    // Subscribed before reading, so a rotation in between is not missed.
+    let mut credentials = shared.credentials.subscribe();
+    let current = Arc::clone(&credentials.borrow_and_update());
     let target = &shared.upstream.address;
     let (mut upstream, upstream_addr) = match upstream::connect(
         target,
@@ -37,6 +49,7 @@ where
         Ok(connected) => connected,
         Err(e) => {
             tracing::warn!(upstream = %target, reason = e.reason(), error = %e, "upstream unavailable");
+            metrics.connect_failed(e.reason());
             let reply = format!("-ERR ambassador: upstream unavailable ({e})\r\n");
             refuse(&mut client, reply.as_bytes()).await;
             return;
@@ -44,28 +57,42 @@ where
     };
     let handshake = handshake::run(
         &mut upstream,
-        &credentials,
+        &current,
         &shared.handshake,
         shared.upstream.handshake_timeout,
     )
     .await;
     if let Err(e) = handshake {
         let reply = match &e {
-            HandshakeError::AuthRejected { .. } => relay::AUTH_FAILED.to_vec(),
-            other => format!("-ERR ambassador: upstream unavailable ({other})\r\n").into_bytes(),
+            HandshakeError::AuthRejected { .. } => {
+                metrics.auth_failures.inc();
+                relay::AUTH_FAILED.to_vec()
+            }
+            other => {
+                metrics.connect_failed("handshake");
+                format!("-ERR ambassador: upstream unavailable ({other})\r\n").into_bytes()
+            }
         };
         tracing::warn!(upstream = %upstream_addr, error = %e, "upstream handshake failed");
         refuse(&mut client, &reply).await;
         return;
     }
+    metrics
+        .handshake_seconds
+        .observe(started.elapsed().as_secs_f64());
+    metrics.upstream_ok();
     let handshake_ms = started.elapsed().as_millis() as u64;
 
     let ctx = Context {
         credentials,
+        reauth_open_sessions: shared.reauth_open_sessions,
         handshake: shared.handshake.clone(),
         downstream_password: shared.downstream_password.clone(),
+        idle_timeout: shared.idle_timeout,
+        metrics: Arc::clone(metrics),
     };
     let (result, traffic) = relay::run(client, upstream, &ctx, BytesMut::new()).await;
+    metrics.relayed(traffic.from_client, traffic.to_client);
     let (reason, error) = match &result {
         Ok(reason) => (format!("{reason:?}"), None),
         Err(e) => ("Error".to_owned(), Some(e.to_string())),

@@ -246,6 +246,8 @@ pub fn load_config(dir: &Path, profile_text: &str) -> Config {
 /// The ambassador running in-process on an ephemeral port; stopped on drop.
 pub struct Ambassador {
     pub addr: SocketAddr,
+    /// The admin endpoint (`/healthz`, `/readyz`, `/metrics`).
+    pub admin: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     pub dir: tempfile::TempDir,
@@ -262,16 +264,20 @@ impl Ambassador {
     pub async fn with_config(config: Config, dir: tempfile::TempDir) -> Ambassador {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_addr = admin.local_addr().unwrap();
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(redis_ambassador::run(
             config,
             Listener::Tcp(listener),
+            Some(admin),
             async {
                 let _ = rx.await;
             },
         ));
         Ambassador {
             addr,
+            admin: admin_addr,
             stop: Some(tx),
             task: Some(task),
             dir,
@@ -280,6 +286,11 @@ impl Ambassador {
 
     pub async fn connect(&self) -> Raw {
         Raw::connect(&self.addr.to_string()).await
+    }
+
+    /// `GET path` on the admin endpoint: the status code and the body.
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        http_get(&self.admin.to_string(), path).await
     }
 
     pub fn url(&self) -> String {
@@ -303,6 +314,33 @@ impl Drop for Ambassador {
             task.abort();
         }
     }
+}
+
+/// A minimal HTTP/1.0 GET, enough for the admin endpoint: the status code and the body.
+pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = tokio::time::timeout(DEADLINE, TcpStream::connect(addr))
+        .await
+        .expect("admin connect timed out")
+        .expect("admin connect");
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut reply))
+        .await
+        .expect("admin reply timed out")
+        .unwrap();
+    let text = String::from_utf8_lossy(&reply).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }
 
 /// Encodes a command as a RESP array of bulk strings.

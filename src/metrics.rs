@@ -1,0 +1,248 @@
+//! What the process counts, in Prometheus/OpenMetrics text through prometheus-client.
+//!
+//! Every metric is an atomic behind an `Arc`: sessions update them without locks, `/metrics`
+//! encodes a consistent-enough snapshot. Labels carry reasons and addresses, never payload.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, String)>;
+
+/// The process's metrics and readiness state.
+pub struct Metrics {
+    registry: Registry,
+    pub clients_active: Gauge,
+    pub clients_total: Counter,
+    pub clients_refused: Family<Labels, Counter>,
+    pub connect_failures: Family<Labels, Counter>,
+    pub auth_failures: Counter,
+    pub handshake_seconds: Histogram,
+    pub bytes: Family<Labels, Counter>,
+    pub credential_reloads: Family<Labels, Counter>,
+    credential_loaded_at: AtomicI64,
+    pub credential_age: Gauge<f64, AtomicU64>,
+    pub upstream_target: Family<Labels, Gauge>,
+    pub session_reauth: Family<Labels, Counter>,
+    health: Health,
+}
+
+/// What `/readyz` answers from.
+struct Health {
+    started: Instant,
+    /// Milliseconds since `started` of the last upstream handshake that succeeded; 0 = never.
+    last_ok_ms: AtomicU64,
+    draining: AtomicBool,
+    /// Why the upstream is not the one the profile expects, if it is not.
+    mismatch: Mutex<Option<String>>,
+}
+
+fn labels(pairs: &[(&'static str, &str)]) -> Labels {
+    pairs.iter().map(|(k, v)| (*k, (*v).to_owned())).collect()
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("ambassador");
+        let m = Metrics {
+            clients_active: Gauge::default(),
+            clients_total: Counter::default(),
+            clients_refused: Family::default(),
+            connect_failures: Family::default(),
+            auth_failures: Counter::default(),
+            // 100 µs .. ~3.3 s
+            handshake_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            bytes: Family::default(),
+            credential_reloads: Family::default(),
+            credential_loaded_at: AtomicI64::new(now_secs()),
+            credential_age: Gauge::default(),
+            upstream_target: Family::default(),
+            session_reauth: Family::default(),
+            health: Health {
+                started: Instant::now(),
+                last_ok_ms: AtomicU64::new(0),
+                draining: AtomicBool::new(false),
+                mismatch: Mutex::new(None),
+            },
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "clients_active",
+            "Client connections open now",
+            m.clients_active.clone(),
+        );
+        r.register(
+            "clients",
+            "Client connections accepted",
+            m.clients_total.clone(),
+        );
+        r.register(
+            "clients_refused",
+            "Client connections refused, by reason",
+            m.clients_refused.clone(),
+        );
+        r.register(
+            "upstream_connect_failures",
+            "Upstream connections that failed before the handshake, by reason",
+            m.connect_failures.clone(),
+        );
+        r.register(
+            "upstream_auth_failures",
+            "Upstream handshakes whose AUTH was refused",
+            m.auth_failures.clone(),
+        );
+        r.register(
+            "upstream_handshake_seconds",
+            "Time from accepting a client to an authenticated upstream connection",
+            m.handshake_seconds.clone(),
+        );
+        r.register(
+            "relayed_bytes",
+            "Bytes relayed, by direction",
+            m.bytes.clone(),
+        );
+        r.register(
+            "credential_reloads",
+            "Credential file reloads, by result",
+            m.credential_reloads.clone(),
+        );
+        r.register(
+            "credential_age_seconds",
+            "Seconds since the credentials in use were loaded",
+            m.credential_age.clone(),
+        );
+        r.register(
+            "upstream_target",
+            "The upstream new connections go to (value 1)",
+            m.upstream_target.clone(),
+        );
+        r.register(
+            "session_reauth",
+            "Open sessions re-authenticated after a credential change, by result",
+            m.session_reauth.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let loaded = self.credential_loaded_at.load(Ordering::Relaxed);
+        self.credential_age.set((now_secs() - loaded).max(0) as f64);
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn connect_failed(&self, reason: &str) {
+        self.connect_failures
+            .get_or_create(&labels(&[("reason", reason)]))
+            .inc();
+    }
+
+    pub fn refused(&self, reason: &str) {
+        self.clients_refused
+            .get_or_create(&labels(&[("reason", reason)]))
+            .inc();
+    }
+
+    pub fn relayed(&self, from_client: u64, to_client: u64) {
+        self.bytes
+            .get_or_create(&labels(&[("direction", "client_to_upstream")]))
+            .inc_by(from_client);
+        self.bytes
+            .get_or_create(&labels(&[("direction", "upstream_to_client")]))
+            .inc_by(to_client);
+    }
+
+    pub fn reloaded(&self, result: &str) {
+        self.credential_reloads
+            .get_or_create(&labels(&[("result", result)]))
+            .inc();
+        if result == "applied" {
+            self.credential_loaded_at
+                .store(now_secs(), Ordering::Relaxed);
+        }
+    }
+
+    pub fn reauth(&self, result: &str) {
+        self.session_reauth
+            .get_or_create(&labels(&[("result", result)]))
+            .inc();
+    }
+
+    pub fn set_target(&self, address: &str) {
+        self.upstream_target.clear();
+        self.upstream_target
+            .get_or_create(&labels(&[("address", address)]))
+            .set(1);
+    }
+
+    /// An upstream handshake succeeded just now.
+    pub fn upstream_ok(&self) {
+        let ms = self.health.started.elapsed().as_millis() as u64;
+        self.health.last_ok_ms.store(ms.max(1), Ordering::Relaxed);
+    }
+
+    pub fn set_draining(&self) {
+        self.health.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn set_mismatch(&self, why: Option<String>) {
+        *self
+            .health
+            .mismatch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = why;
+    }
+
+    /// Why the upstream does not match the profile's expectations, if it does not.
+    pub fn mismatch(&self) -> Option<String> {
+        self.health
+            .mismatch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Ready: not draining, the upstream matches the profile, and it was reached and
+    /// authenticated within `window`. `Err` says why not.
+    pub fn ready(&self, window: Duration) -> Result<(), String> {
+        if self.health.draining.load(Ordering::Relaxed) {
+            return Err("draining".into());
+        }
+        if let Some(why) = self.mismatch() {
+            return Err(why);
+        }
+        let last = self.health.last_ok_ms.load(Ordering::Relaxed);
+        let now = self.health.started.elapsed().as_millis() as u64;
+        if last == 0 {
+            return Err("upstream not reached yet".into());
+        }
+        let age = Duration::from_millis(now.saturating_sub(last));
+        if age > window {
+            return Err(format!("upstream last reached {age:?} ago"));
+        }
+        Ok(())
+    }
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

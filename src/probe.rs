@@ -1,0 +1,177 @@
+//! The ambassador's own connections to the upstream: `--check`, the periodic readiness probe,
+//! and the test of new credentials before a reload switches to them. None of them ever runs
+//! on a client's connection.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis_protocol::resp2::decode::decode;
+use redis_protocol::resp2::types::OwnedFrame;
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Handshake, Upstream, UpstreamExpect};
+use crate::credentials::{CredentialStore, Credentials};
+use crate::handshake::{self, HandshakeError};
+use crate::metrics::Metrics;
+use crate::upstream::{self, ConnectError};
+
+#[derive(Debug, Error)]
+pub enum ProbeError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    /// The upstream is reachable and accepted the credentials, but it is not the one the
+    /// profile describes (`upstream.expect`).
+    #[error("upstream does not match the profile ({0})")]
+    Mismatch(String),
+    #[error("upstream probe: {0}")]
+    Io(String),
+}
+
+/// What a successful probe found.
+#[derive(Debug)]
+pub struct Report {
+    pub address: String,
+    pub whoami: String,
+    pub info: BTreeMap<String, String>,
+}
+
+impl Report {
+    pub fn version(&self) -> &str {
+        self.info
+            .get("redis_version")
+            .map_or("unknown", String::as_str)
+    }
+}
+
+/// Connects, authenticates with `credentials`, asks `ACL WHOAMI` and `INFO server`, and
+/// checks them against `expect`.
+pub async fn probe(
+    upstream: &Upstream,
+    credentials: &Credentials,
+    settings: &Handshake,
+    expect: &UpstreamExpect,
+) -> Result<Report, ProbeError> {
+    let (mut stream, addr) = upstream::connect(&upstream.address, upstream.connect_timeout).await?;
+    handshake::run(
+        &mut stream,
+        credentials,
+        settings,
+        upstream.handshake_timeout,
+    )
+    .await?;
+    let limit = upstream.handshake_timeout;
+    let exchange = async {
+        stream
+            .write_all(b"*2\r\n$3\r\nACL\r\n$6\r\nWHOAMI\r\n*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n")
+            .await?;
+        let mut buf = Vec::new();
+        let mut replies = Vec::new();
+        while replies.len() < 2 {
+            match decode(&buf) {
+                Ok(Some((frame, used))) => {
+                    buf.drain(..used);
+                    replies.push(frame);
+                }
+                Ok(None) if stream.read_buf(&mut buf).await? == 0 => {
+                    return Err(std::io::Error::other("upstream closed the connection"));
+                }
+                Ok(None) => {}
+                Err(_) => return Err(std::io::Error::other("malformed reply")),
+            }
+        }
+        Ok(replies)
+    };
+    let replies = tokio::time::timeout(limit, exchange)
+        .await
+        .map_err(|_| ProbeError::Io(format!("no answer within {limit:?}")))?
+        .map_err(|e| ProbeError::Io(e.to_string()))?;
+    let whoami = match &replies[0] {
+        OwnedFrame::BulkString(b) | OwnedFrame::SimpleString(b) => {
+            String::from_utf8_lossy(b).into_owned()
+        }
+        _ => "unknown (ACL WHOAMI refused)".to_owned(),
+    };
+    let info = match &replies[1] {
+        OwnedFrame::BulkString(b) => parse_info(&String::from_utf8_lossy(b)),
+        _ => BTreeMap::new(),
+    };
+    let report = Report {
+        address: addr.to_string(),
+        whoami,
+        info,
+    };
+    check_expectations(&report, expect).map_err(ProbeError::Mismatch)?;
+    Ok(report)
+}
+
+fn parse_info(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+/// Every expectation that fails, in one message.
+fn check_expectations(report: &Report, expect: &UpstreamExpect) -> Result<(), String> {
+    let mut wrong = Vec::new();
+    if let Some(user) = &expect.user {
+        if &report.whoami != user {
+            wrong.push(format!(
+                "ACL WHOAMI: expected {user:?}, got {:?}",
+                report.whoami
+            ));
+        }
+    }
+    for (field, want) in &expect.info {
+        let got = report.info.get(field).map_or("<missing>", String::as_str);
+        if got != want {
+            wrong.push(format!(
+                "INFO server {field}: expected {want:?}, got {got:?}"
+            ));
+        }
+    }
+    if wrong.is_empty() {
+        Ok(())
+    } else {
+        Err(wrong.join("; "))
+    }
+}
+
+/// Probes every `interval` with the current credentials, so `/readyz` reflects the upstream
+/// even when no client is connected, and a wrong upstream stops new sessions.
+pub async fn keep_probing(
+    upstream: Upstream,
+    settings: Handshake,
+    expect: UpstreamExpect,
+    credentials: CredentialStore,
+    metrics: Arc<Metrics>,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    loop {
+        match probe(&upstream, &credentials.current(), &settings, &expect).await {
+            Ok(report) => {
+                metrics.upstream_ok();
+                metrics.set_mismatch(None);
+                metrics.set_target(&report.address);
+            }
+            Err(ProbeError::Mismatch(why)) => {
+                tracing::error!(upstream = %upstream.address, mismatch = %why, "refusing to relay: upstream does not match the profile");
+                metrics.set_mismatch(Some(why));
+            }
+            Err(e) => {
+                tracing::warn!(upstream = %upstream.address, error = %e, "readiness probe failed")
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! Both directions of one session, after the handshake.
+//!
+//! Client -> upstream ([`requests`]): commands are framed ([`RequestFramer`]) and judged
+//! ([`Filter`]); runs of forwarded commands go out as the bytes the client sent, rewrites go
+//! out re-encoded.
+//!
+//! Upstream -> client ([`replies`]): bytes are relayed as they arrive, while a
+//! [`ReplyFramer`](crate::resp::ReplyFramer) counts top-level replies so that what the
+//! ambassador adds or removes lands in the right place: a local reply (`+OK` for an AUTH
+//! before the client authenticated, `-NOAUTH`, a protocol error) goes out after the replies of
+//! every command sent before it, and the replies to the ambassador's own AUTH (after a RESET,
+//! or after a credential rotation) never reach the client.
+//!
+//! The client side tells the reply side what to expect through an unbounded channel of
+//! [`Expect`] items, always before it writes the bytes that cause those replies. The channel
+//! holds at most one item per judged batch or special command, so it grows only with what the
+//! client has already sent and the upstream has not yet answered.
+
+mod replies;
+mod requests;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::Handshake;
+use crate::credentials::{Credentials, DownstreamPassword};
+use crate::metrics::Metrics;
+use crate::resp;
+
+/// Read buffer size for each direction.
+const CHUNK: usize = 64 * 1024;
+
+/// How long a client gets to read an error reply before its connection is closed.
+pub const LINGER: Duration = Duration::from_secs(1);
+
+/// How long Redis gets to answer and close after it was handed a client's malformed bytes.
+const PROTOCOL_ERROR_GRACE: Duration = Duration::from_secs(5);
+
+pub const AUTH_FAILED: &[u8] = b"-ERR ambassador: upstream authentication failed\r\n";
+
+/// What the session needs to rewrite commands and re-authenticate.
+pub struct Context {
+    /// The credentials in use; a change re-authenticates the session when allowed.
+    pub credentials: watch::Receiver<Arc<Credentials>>,
+    pub reauth_open_sessions: bool,
+    pub handshake: Handshake,
+    pub downstream_password: Option<Arc<DownstreamPassword>>,
+    pub idle_timeout: Option<Duration>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Why a session ended, for the closing log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Close {
+    /// The client closed its connection.
+    ClientClosed,
+    /// The upstream closed (QUIT, CLIENT KILL, timeout, restart).
+    UpstreamClosed,
+    /// The client sent something that is not RESP.
+    ProtocolError,
+    /// A local reply ended the connection (QUIT before authenticating).
+    Local,
+    /// Re-authentication after a RESET was refused.
+    ReauthFailed,
+    /// Nothing moved either way for `listen.idle_timeout`.
+    Idle,
+}
+
+#[derive(Debug, Error)]
+pub enum RelayError {
+    /// Peer I/O: a reset or broken connection, on either side.
+    #[error("{side} I/O: {source}")]
+    Io {
+        side: &'static str,
+        source: std::io::Error,
+    },
+    #[error("upstream sent a malformed reply: {0}")]
+    Upstream(#[from] resp::ReplyError),
+}
+
+fn io_err(side: &'static str) -> impl FnOnce(std::io::Error) -> RelayError {
+    move |source| RelayError::Io { side, source }
+}
+
+/// Byte counts of a finished session.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Traffic {
+    pub from_client: u64,
+    pub to_client: u64,
+}
+
+/// What the reply side is told, in command order.
+#[derive(Debug)]
+enum Expect {
+    /// The next `n` replies are the upstream's answers to forwarded commands.
+    Replies(u64),
+    /// From here on replies cannot be counted (pub/sub, MONITOR, CLIENT REPLY) until a RESET.
+    Untracked,
+    /// The next reply is RESET's (or, untracked, the next `+RESET`; none when a CLIENT REPLY
+    /// SKIP ate it); the `swallow` after it answer the re-authentication and are swallowed; a
+    /// refused AUTH among them ends the session.
+    Reset { replied: bool, swallow: usize },
+    /// The next `n` replies answer the ambassador's own commands (re-authentication after a
+    /// credential change) and are swallowed; a refusal is logged, the session goes on.
+    Swallow(usize),
+    /// A reply the ambassador makes itself, written once everything before it was relayed.
+    Local(&'static [u8]),
+    /// A local reply followed by closing the client.
+    LocalThenClose(Vec<u8>),
+    /// Replication: from here on both directions are opaque bytes.
+    Opaque,
+}
+
+/// When a byte last moved, for the idle timeout: milliseconds since the session started.
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        self.last_ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Completes once nothing moved for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let quiet = self.start.elapsed().saturating_sub(last);
+            if quiet >= limit {
+                return;
+            }
+            tokio::time::sleep(limit - quiet).await;
+        }
+    }
+}
+
+/// Relays between `client` and `upstream` until one side ends. `pending` holds client bytes
+/// read before the relay started.
+pub async fn run<C, U>(
+    client: C,
+    upstream: U,
+    ctx: &Context,
+    pending: BytesMut,
+) -> (Result<Close, RelayError>, Traffic)
+where
+    C: AsyncRead + AsyncWrite + Send,
+    U: AsyncRead + AsyncWrite + Send,
+{
+    let (client_read, client_write) = tokio::io::split(client);
+    let (upstream_read, upstream_write) = tokio::io::split(upstream);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let from_client = AtomicU64::new(0);
+    let to_client = AtomicU64::new(0);
+    let activity = Activity {
+        start: Instant::now(),
+        last_ms: AtomicU64::new(0),
+    };
+
+    let requests = requests::Requests::new(
+        client_read,
+        upstream_write,
+        tx,
+        ctx,
+        pending,
+        &from_client,
+        &activity,
+    )
+    .run();
+    let replies =
+        replies::ReplyPump::new(upstream_read, client_write, rx, ctx, &to_client, &activity).run();
+    let idle = async {
+        match ctx.idle_timeout {
+            Some(limit) => activity.idle_for(limit).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(requests, replies, idle);
+    let result = tokio::select! {
+        r = &mut replies => {
+            // The client side may be draining the client's input after an error: let the
+            // client read what it was sent before its socket closes.
+            let _ = tokio::time::timeout(LINGER, &mut requests).await;
+            r
+        }
+        r = &mut requests => match r {
+            // The client is done sending. After a half-close the upstream answers what it
+            // has read and closes, as it would for the client itself.
+            Ok(Close::ClientClosed) => tokio::select! {
+                r = &mut replies => r.map(|_| Close::ClientClosed),
+                _ = &mut idle => Ok(Close::Idle),
+            },
+            // Redis was handed the bad bytes: it answers its error and closes.
+            Ok(Close::ProtocolError) => tokio::time::timeout(PROTOCOL_ERROR_GRACE, &mut replies)
+                .await
+                .unwrap_or(Ok(Close::ProtocolError))
+                .map(|_| Close::ProtocolError),
+            Ok(_) => replies.await,
+            Err(e) => Err(e),
+        },
+        _ = &mut idle => Ok(Close::Idle),
+    };
+    let traffic = Traffic {
+        from_client: from_client.load(Ordering::Relaxed),
+        to_client: to_client.load(Ordering::Relaxed),
+    };
+    (result, traffic)
+}
+
+/// Reads and discards what a client still sends, until it closes or [`LINGER`] runs out.
+/// Closing a socket with unread input makes the kernel send RST, which can destroy a reply
+/// the client has not read yet.
+pub async fn drain<R: AsyncRead + Unpin>(client: &mut R) {
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(LINGER, async {
+        while matches!(client.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}

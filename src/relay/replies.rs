@@ -1,0 +1,286 @@
+//! The upstream -> client direction: relay replies as they arrive, and act at reply
+//! boundaries (local replies in order, swallowed replies to the ambassador's own commands).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use super::{io_err, Activity, Close, Context, Expect, RelayError, AUTH_FAILED, CHUNK};
+use crate::resp::{Boundary, ReplyFramer};
+
+/// Swallowing the replies to the ambassador's own commands.
+#[derive(Debug, Clone, Copy)]
+struct Swallow {
+    left: usize,
+    /// The frame being read now is swallowed.
+    in_frame: bool,
+    /// The first of them is AUTH's.
+    first: bool,
+    /// A refused AUTH ends the session (after RESET the connection is no longer
+    /// authenticated); after a rotation the old authentication still holds.
+    fatal: bool,
+}
+
+/// The upstream -> client direction.
+pub(super) struct ReplyPump<'t, R, W> {
+    upstream: R,
+    client: W,
+    rx: mpsc::UnboundedReceiver<Expect>,
+    queue: VecDeque<Expect>,
+    framer: ReplyFramer,
+    tracked: bool,
+    swallow: Option<Swallow>,
+    ctx: &'t Context,
+    written: &'t AtomicU64,
+    activity: &'t Activity,
+}
+
+/// What the queue's head asks for once the replies before it have been relayed.
+enum Head {
+    Wait,
+    Close(Close),
+    Opaque,
+}
+
+impl<'t, R, W> ReplyPump<'t, R, W>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    pub(super) fn new(
+        upstream: R,
+        client: W,
+        rx: mpsc::UnboundedReceiver<Expect>,
+        ctx: &'t Context,
+        written: &'t AtomicU64,
+        activity: &'t Activity,
+    ) -> Self {
+        ReplyPump {
+            upstream,
+            client,
+            rx,
+            queue: VecDeque::new(),
+            framer: ReplyFramer::default(),
+            tracked: true,
+            swallow: None,
+            ctx,
+            written,
+            activity,
+        }
+    }
+
+    pub(super) async fn run(mut self) -> Result<Close, RelayError> {
+        let result = self.pump().await;
+        let _ = self.client.shutdown().await;
+        result
+    }
+
+    async fn pump(&mut self) -> Result<Close, RelayError> {
+        let mut chunk = BytesMut::with_capacity(CHUNK);
+        let mut rx_open = true;
+        loop {
+            match self.settle().await? {
+                Head::Wait => {}
+                Head::Close(c) => return Ok(c),
+                Head::Opaque => return self.opaque(&[]).await,
+            }
+            chunk.clear();
+            chunk.reserve(CHUNK);
+            tokio::select! {
+                // Expectations first: a reply can only be matched once its command is known.
+                biased;
+                msg = self.rx.recv(), if rx_open => match msg {
+                    Some(e) => self.queue.push_back(e),
+                    None => rx_open = false,
+                },
+                n = self.upstream.read_buf(&mut chunk) => {
+                    if n.map_err(io_err("upstream"))? == 0 {
+                        return Ok(Close::UpstreamClosed);
+                    }
+                    self.activity.touch();
+                    // Every expectation sent before these bytes were caused is in the channel.
+                    while let Ok(e) = self.rx.try_recv() {
+                        self.queue.push_back(e);
+                    }
+                    if let Some(close) = self.relay_chunk(&chunk).await? {
+                        return Ok(close);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs the queue's head while it needs no further reply.
+    async fn settle(&mut self) -> Result<Head, RelayError> {
+        loop {
+            match self.queue.front_mut() {
+                Some(Expect::Replies(0)) => {}
+                Some(Expect::Replies(_)) if self.tracked => return Ok(Head::Wait),
+                Some(Expect::Replies(_)) => {}
+                Some(Expect::Untracked) => self.tracked = false,
+                Some(Expect::Local(reply)) => {
+                    let reply: &[u8] = reply;
+                    self.send(reply).await?;
+                }
+                Some(Expect::LocalThenClose(reply)) => {
+                    let reply = std::mem::take(reply);
+                    self.send(&reply).await?;
+                    return Ok(Head::Close(Close::ProtocolError));
+                }
+                Some(Expect::Swallow(n)) => {
+                    if self.swallow.is_some() {
+                        return Ok(Head::Wait);
+                    }
+                    // Only ever sent while replies are counted.
+                    let left = *n;
+                    self.start_swallow(left, false);
+                }
+                Some(Expect::Opaque) if self.framer.at_boundary() => return Ok(Head::Opaque),
+                Some(Expect::Reset {
+                    replied: false,
+                    swallow,
+                }) => {
+                    // RESET's own reply was silenced: its swallowing starts right away.
+                    let left = *swallow;
+                    self.start_swallow(left, true);
+                }
+                Some(Expect::Opaque | Expect::Reset { .. }) | None => return Ok(Head::Wait),
+            }
+            self.queue.pop_front();
+        }
+    }
+
+    /// Relays one chunk from the upstream, acting at reply boundaries.
+    async fn relay_chunk(&mut self, chunk: &[u8]) -> Result<Option<Close>, RelayError> {
+        let mut p = 0;
+        // Start of the bytes not yet written (or skipped) to the client.
+        let mut pass_from = 0;
+        while p < chunk.len() {
+            let (next, boundary) = self.framer.next(chunk, p)?;
+            p = next;
+            match boundary {
+                None => {}
+                Some(Boundary::Start { at, kind }) => {
+                    if let Some(s) = self.swallow.as_mut().filter(|_| kind != b'>') {
+                        s.in_frame = true;
+                        self.send(&chunk[pass_from..at]).await?;
+                        pass_from = at;
+                    }
+                }
+                Some(Boundary::End { at, push, head }) => {
+                    if let Some(mut s) = self.swallow.filter(|s| s.in_frame) {
+                        pass_from = at;
+                        let failed = matches!(head.as_bytes().first(), Some(b'-' | b'!'));
+                        if s.first && s.fatal && failed {
+                            tracing::warn!("upstream refused re-authentication after RESET");
+                            self.send(AUTH_FAILED).await?;
+                            return Ok(Some(Close::ReauthFailed));
+                        }
+                        if s.first && !s.fatal {
+                            self.rotated(failed);
+                        }
+                        s.left -= 1;
+                        s.first = false;
+                        s.in_frame = false;
+                        self.swallow = (s.left > 0).then_some(s);
+                        if self.swallow.is_none() && self.head_ready() {
+                            match self.settle().await? {
+                                Head::Wait => {}
+                                Head::Close(c) => return Ok(Some(c)),
+                                Head::Opaque => return self.opaque(&chunk[at..]).await.map(Some),
+                            }
+                        }
+                        continue;
+                    }
+                    if push {
+                        continue;
+                    }
+                    self.count_reply(head.as_bytes());
+                    if self.head_ready() {
+                        self.send(&chunk[pass_from..at]).await?;
+                        pass_from = at;
+                        match self.settle().await? {
+                            Head::Wait => {}
+                            Head::Close(c) => return Ok(Some(c)),
+                            Head::Opaque => return self.opaque(&chunk[at..]).await.map(Some),
+                        }
+                    }
+                }
+            }
+        }
+        if !self.swallow.is_some_and(|s| s.in_frame) {
+            self.send(&chunk[pass_from..]).await?;
+        }
+        Ok(None)
+    }
+
+    /// The next `left` replies answer the ambassador's own commands. After a RESET the
+    /// connection is fresh, so replies can be counted again.
+    fn start_swallow(&mut self, left: usize, fatal: bool) {
+        if fatal {
+            self.tracked = true;
+        }
+        self.swallow = (left > 0).then_some(Swallow {
+            left,
+            in_frame: false,
+            first: true,
+            fatal,
+        });
+    }
+
+    /// The reply to a re-authentication after a credential change arrived.
+    fn rotated(&self, failed: bool) {
+        if failed {
+            tracing::warn!("upstream refused the new credentials on an open session; it stays authenticated as before");
+            self.ctx.metrics.reauth("rejected");
+        } else {
+            tracing::debug!("open session re-authenticated with the new credentials");
+            self.ctx.metrics.reauth("ok");
+        }
+    }
+
+    /// Whether the queue's head can act now, between two replies.
+    fn head_ready(&self) -> bool {
+        match self.queue.front() {
+            None | Some(Expect::Reset { replied: true, .. }) => false,
+            Some(Expect::Swallow(_)) => self.swallow.is_none(),
+            Some(Expect::Replies(n)) => *n == 0 || !self.tracked,
+            Some(_) => true,
+        }
+    }
+
+    /// A reply (not a push) was relayed: account for it.
+    fn count_reply(&mut self, head: &[u8]) {
+        match self.queue.front_mut() {
+            Some(Expect::Replies(n)) if self.tracked && *n > 0 => *n -= 1,
+            Some(Expect::Reset { swallow, .. }) if self.tracked || head == b"+RESET\r" => {
+                let left = *swallow;
+                self.queue.pop_front();
+                self.start_swallow(left, true);
+            }
+            _ => {}
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), RelayError> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        self.written
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.client.write_all(bytes).await.map_err(io_err("client"))
+    }
+
+    /// Replication: relay the rest as opaque bytes.
+    async fn opaque(&mut self, rest: &[u8]) -> Result<Close, RelayError> {
+        self.send(rest).await?;
+        let copied = tokio::io::copy(&mut self.upstream, &mut self.client)
+            .await
+            .map_err(io_err("upstream"))?;
+        self.written.fetch_add(copied, Ordering::Relaxed);
+        Ok(Close::UpstreamClosed)
+    }
+}

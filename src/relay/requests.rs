@@ -1,0 +1,387 @@
+//! The client -> upstream direction: frame, judge, forward or rewrite; and re-authenticate
+//! the session when the credentials change, at a point where that cannot disturb the client.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use super::{drain, io_err, Activity, Close, Context, Expect, RelayError, CHUNK};
+use crate::credentials::{Credentials, SecretBytes};
+use crate::filter::{self, Action, Filter, HelloPart, Replies};
+use crate::handshake;
+use crate::resp::{self, ProtocolError, Request, RequestFramer};
+
+/// The client -> upstream direction.
+pub(super) struct Requests<'c, R, W> {
+    client: R,
+    upstream: W,
+    tx: mpsc::UnboundedSender<Expect>,
+    ctx: &'c Context,
+    credentials: tokio::sync::watch::Receiver<Arc<Credentials>>,
+    buf: BytesMut,
+    framer: RequestFramer,
+    filter: Filter,
+    /// Whether the command being streamed is forwarded (or dropped, before authentication).
+    stream_forwarded: bool,
+    /// A command is being streamed: nothing of ours may go upstream until it ends.
+    mid_stream: bool,
+    /// Replies can be counted (no pub/sub, MONITOR, CLIENT REPLY since the last RESET).
+    tracked: bool,
+    /// The credentials changed and this session has not re-authenticated yet.
+    reauth_due: bool,
+    read: &'c AtomicU64,
+    activity: &'c Activity,
+}
+
+/// A batch being assembled from the front of the client buffer.
+#[derive(Default)]
+struct Batch {
+    /// Bytes of the buffer already judged.
+    done: usize,
+    /// Start of the run of judged bytes that go upstream as they are.
+    run_start: usize,
+    /// Replies the run will produce.
+    replies: u64,
+}
+
+impl<'c, R, W> Requests<'c, R, W>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    pub(super) fn new(
+        client: R,
+        upstream: W,
+        tx: mpsc::UnboundedSender<Expect>,
+        ctx: &'c Context,
+        buf: BytesMut,
+        read: &'c AtomicU64,
+        activity: &'c Activity,
+    ) -> Self {
+        Requests {
+            client,
+            upstream,
+            tx,
+            ctx,
+            credentials: ctx.credentials.clone(),
+            buf,
+            framer: RequestFramer::default(),
+            filter: Filter::new(ctx.downstream_password.is_some()),
+            stream_forwarded: true,
+            mid_stream: false,
+            tracked: true,
+            reauth_due: false,
+            read,
+            activity,
+        }
+    }
+
+    /// Returns how the client side ended; `Local` means the reply side closes the client
+    /// after a reply of the ambassador's own.
+    pub(super) async fn run(mut self) -> Result<Close, RelayError> {
+        let end = self.pump().await;
+        match end {
+            Ok(Close::ClientClosed) => {
+                // Half-close: Redis answers what it already read, then closes.
+                let _ = self.upstream.shutdown().await;
+            }
+            Ok(Close::Local | Close::ProtocolError) => drain(&mut self.client).await,
+            _ => {}
+        }
+        end
+    }
+
+    async fn pump(&mut self) -> Result<Close, RelayError> {
+        loop {
+            if let Some(end) = self.judge_buffer().await? {
+                return Ok(end);
+            }
+            self.reauthenticate_if_due().await?;
+            self.buf.reserve(CHUNK);
+            let watching = self.ctx.reauth_open_sessions && !self.reauth_due;
+            tokio::select! {
+                n = self.client.read_buf(&mut self.buf) => {
+                    let n = n.map_err(io_err("client"))?;
+                    if n == 0 {
+                        return Ok(Close::ClientClosed);
+                    }
+                    self.read.fetch_add(n as u64, Ordering::Relaxed);
+                    self.activity.touch();
+                }
+                changed = self.credentials.changed(), if watching => {
+                    // An error means the store is gone: the process is stopping.
+                    self.reauth_due = changed.is_ok();
+                }
+            }
+        }
+    }
+
+    /// Frames and judges everything in the buffer, writing upstream as it goes. Returns
+    /// `Some` when the client side is finished.
+    async fn judge_buffer(&mut self) -> Result<Option<Close>, RelayError> {
+        let mut b = Batch::default();
+        let result = loop {
+            let view = &self.buf[b.done..];
+            let event = match self.framer.next(view, filter::needs_whole) {
+                Ok(event) => event,
+                Err(e) => break Some(self.protocol_error(&mut b, e).await?),
+            };
+            match event {
+                Request::Incomplete => break None,
+                Request::Ignored { len } => {
+                    if self.filter.authenticated {
+                        b.done += len;
+                    } else {
+                        self.skip(&mut b, len).await?;
+                    }
+                }
+                Request::Command { len } | Request::StreamStart { len } => {
+                    let cmd = self.framer.command(view);
+                    let password = self.ctx.downstream_password.as_deref();
+                    let action = self
+                        .filter
+                        .decide(&cmd, |p| password.is_some_and(|d| d.matches(p)));
+                    // Rewrites are encoded now, while the arguments they keep are borrowed.
+                    let step = Step::from_action(action, &self.credentials.borrow());
+                    self.framer.authenticated = self.filter.authenticated;
+                    if matches!(event, Request::StreamStart { .. }) {
+                        self.stream_forwarded = matches!(step, Step::Forward(_));
+                        self.mid_stream = true;
+                    }
+                    if let Some(end) = self.act(&mut b, step, len).await? {
+                        break Some(end);
+                    }
+                }
+                Request::StreamMore { len } | Request::StreamEnd { len } => {
+                    self.mid_stream = matches!(event, Request::StreamMore { .. });
+                    if self.stream_forwarded {
+                        b.done += len;
+                    } else {
+                        self.skip(&mut b, len).await?;
+                    }
+                }
+            }
+        };
+        self.flush(&mut b).await?;
+        let _ = self.buf.split_to(b.done);
+        Ok(result)
+    }
+
+    /// Applies the filter's decision to a command of `len` bytes at `b.done`.
+    async fn act(
+        &mut self,
+        b: &mut Batch,
+        step: Step,
+        len: usize,
+    ) -> Result<Option<Close>, RelayError> {
+        match step {
+            Step::Forward(Replies::None) => b.done += len,
+            Step::Forward(Replies::One) => {
+                b.done += len;
+                b.replies += 1;
+            }
+            Step::Forward(Replies::Untracked) => {
+                self.expect_run(b);
+                self.expect(Expect::Untracked);
+                self.tracked = false;
+                b.done += len;
+            }
+            Step::Replace(with, replies) => self.replace(b, len, &with, replies).await?,
+            Step::Drop => self.skip(b, len).await?,
+            Step::Reset { replied } => {
+                b.done += len;
+                self.expect_run(b);
+                let reauth =
+                    handshake::commands(&self.credentials.borrow_and_update(), &self.ctx.handshake);
+                self.expect(Expect::Reset {
+                    replied,
+                    swallow: reauth.names.len(),
+                });
+                self.flush(b).await?;
+                self.write(&reauth.bytes).await?;
+                // RESET leaves the connection as fresh as the handshake did.
+                self.tracked = true;
+                self.reauth_due = false;
+            }
+            Step::Quit => {
+                b.done += len;
+                b.replies += 1;
+                // Nothing after QUIT is read; the upstream closes after its +OK.
+                return Ok(Some(Close::UpstreamClosed));
+            }
+            Step::Replication => {
+                b.done += len;
+                self.expect_run(b);
+                self.expect(Expect::Opaque);
+                self.flush(b).await?;
+                let rest = self.buf.split_off(b.done);
+                self.buf.truncate(b.done);
+                self.write(&rest).await?;
+                let copied = tokio::io::copy(&mut self.client, &mut self.upstream)
+                    .await
+                    .map_err(io_err("client"))?;
+                self.read.fetch_add(copied, Ordering::Relaxed);
+                return Ok(Some(Close::ClientClosed));
+            }
+            Step::Answer(reply) => {
+                self.expect_run(b);
+                self.expect(Expect::Local(reply));
+                self.skip(b, len).await?;
+            }
+            Step::AnswerAndClose(reply) => {
+                self.expect_run(b);
+                self.expect(Expect::LocalThenClose(reply.to_vec()));
+                self.skip(b, len).await?;
+                return Ok(Some(Close::Local));
+            }
+        }
+        Ok(None)
+    }
+
+    /// After a credential change, sends the new `AUTH` between two commands, where the
+    /// upstream reads it as its own command and its reply can be told apart: not inside MULTI
+    /// (it would be queued), not while replies cannot be counted, not inside a streamed
+    /// command. Replies still pending are fine: the reply side knows the AUTH's reply comes
+    /// right after them, and swallows it.
+    async fn reauthenticate_if_due(&mut self) -> Result<(), RelayError> {
+        if !self.reauth_due || !self.tracked || self.mid_stream || self.filter.in_multi {
+            return Ok(());
+        }
+        self.reauth_due = false;
+        let auth = self.credentials.borrow_and_update().auth_command();
+        self.expect(Expect::Swallow(1));
+        self.write(&auth).await
+    }
+
+    /// The client sent something that is not RESP at `b.done`. While replies are counted,
+    /// the ambassador answers Redis's error itself, after every earlier reply. While they
+    /// cannot be counted (pub/sub, MONITOR), it hands the same bytes to Redis, which parses
+    /// them exactly as the framer did and answers the same error in its proper place, then
+    /// closes. Bytes of a client that has not authenticated never go upstream.
+    async fn protocol_error(
+        &mut self,
+        b: &mut Batch,
+        e: ProtocolError,
+    ) -> Result<Close, RelayError> {
+        tracing::debug!(error = %e, "client protocol error");
+        let redis_would_refuse = e != ProtocolError::TooLongToInspect;
+        if !self.tracked && self.filter.authenticated && redis_would_refuse {
+            b.done = self.buf.len();
+            self.flush(b).await?;
+            return Ok(Close::ProtocolError);
+        }
+        self.expect_run(b);
+        self.expect(Expect::LocalThenClose(e.reply()));
+        Ok(Close::Local)
+    }
+
+    fn expect(&self, e: Expect) {
+        // The reply side only goes away when the session is ending anyway.
+        let _ = self.tx.send(e);
+    }
+
+    /// Announces the replies of the run so far, before its bytes are written.
+    fn expect_run(&self, b: &mut Batch) {
+        if b.replies > 0 {
+            self.expect(Expect::Replies(std::mem::take(&mut b.replies)));
+        }
+    }
+
+    /// Writes the pending run upstream.
+    async fn flush(&mut self, b: &mut Batch) -> Result<(), RelayError> {
+        self.expect_run(b);
+        if b.done > b.run_start {
+            let (start, end) = (b.run_start, b.done);
+            self.upstream
+                .write_all(&self.buf[start..end])
+                .await
+                .map_err(io_err("upstream"))?;
+            b.run_start = end;
+        }
+        Ok(())
+    }
+
+    /// Drops `len` bytes at `b.done` instead of forwarding them.
+    async fn skip(&mut self, b: &mut Batch, len: usize) -> Result<(), RelayError> {
+        self.flush(b).await?;
+        b.done += len;
+        b.run_start = b.done;
+        Ok(())
+    }
+
+    /// Sends `with` instead of the `len` bytes at `b.done`.
+    async fn replace(
+        &mut self,
+        b: &mut Batch,
+        len: usize,
+        with: &[u8],
+        replies: Replies,
+    ) -> Result<(), RelayError> {
+        self.skip(b, len).await?;
+        if replies == Replies::One {
+            self.expect(Expect::Replies(1));
+        }
+        self.write(with).await
+    }
+
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), RelayError> {
+        self.upstream
+            .write_all(bytes)
+            .await
+            .map_err(io_err("upstream"))
+    }
+}
+
+/// A filter decision with its rewrite encoded, so it no longer borrows the client's buffer.
+enum Step {
+    Forward(Replies),
+    /// Send these bytes instead of the command.
+    Replace(SecretBytes, Replies),
+    Reset {
+        replied: bool,
+    },
+    Drop,
+    Quit,
+    Replication,
+    Answer(&'static [u8]),
+    AnswerAndClose(&'static [u8]),
+}
+
+impl Step {
+    fn from_action(action: Action<'_>, credentials: &Credentials) -> Step {
+        match action {
+            Action::Forward(r) => Step::Forward(r),
+            Action::Auth(r) => Step::Replace(credentials.auth_command(), r),
+            Action::Hello(parts, r) => Step::Replace(hello_command(&parts, credentials), r),
+            Action::Reset { replied } => Step::Reset { replied },
+            Action::Drop => Step::Drop,
+            Action::Quit => Step::Quit,
+            Action::Replication => Step::Replication,
+            Action::Answer(r) => Step::Answer(r),
+            Action::AnswerAndClose(r) => Step::AnswerAndClose(r),
+        }
+    }
+}
+
+/// `HELLO` re-encoded with the profile's credentials in place of the client's.
+fn hello_command(parts: &[HelloPart<'_>], credentials: &Credentials) -> SecretBytes {
+    let argc = parts
+        .iter()
+        .map(|p| match p {
+            HelloPart::Keep(_) => 1,
+            HelloPart::ProfileAuth => 3,
+        })
+        .sum();
+    let mut out = SecretBytes::new(Vec::with_capacity(128));
+    resp::write_array(&mut out, argc);
+    for part in parts {
+        match part {
+            HelloPart::Keep(arg) => resp::write_bulk(&mut out, arg),
+            HelloPart::ProfileAuth => credentials.write_hello_auth(&mut out),
+        }
+    }
+    out
+}

@@ -1,0 +1,138 @@
+//! Credential rotation: watch the credential file, test what it now holds on a probe
+//! connection, and only then hand it to new connections (and, through the store's watch
+//! channel, to open sessions).
+//!
+//! The file's folder is watched rather than the file: Kubernetes updates a mounted Secret by
+//! swapping a `..data` symlink, and editors replace a file by renaming a new one over it;
+//! neither touches the inode a file watch would hold. Every event in the folder triggers a
+//! re-read, and a content comparison decides whether anything changed.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Handshake, Upstream, UpstreamExpect};
+use crate::credentials::{CredentialStore, Credentials};
+use crate::handshake::HandshakeError;
+use crate::metrics::Metrics;
+use crate::probe::{self, ProbeError};
+
+/// Events arriving this close together are one change (a swap is several renames).
+const SETTLE: Duration = Duration::from_millis(100);
+/// A change that could not be tested (upstream unreachable) or was refused is tried again,
+/// waiting twice as long each time, up to this.
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Everything a reload needs.
+pub struct Reloader {
+    pub path: PathBuf,
+    pub default_username: Option<String>,
+    pub store: CredentialStore,
+    pub upstream: Upstream,
+    pub handshake: Handshake,
+    pub expect: UpstreamExpect,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Reloader {
+    /// Watches until `stop`. Errors setting up the watch are logged; the process keeps
+    /// serving with the credentials it has.
+    pub async fn run(self, stop: CancellationToken) {
+        let (tx, mut events) = mpsc::unbounded_channel();
+        // The watcher calls back on its own thread; the channel brings events here. Dropping
+        // the watcher (when this function returns) ends the callbacks.
+        let _watcher = match watch_folder(&self.path, tx) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(file = %self.path.display(), error = %e, "cannot watch the credential file; rotation disabled");
+                return;
+            }
+        };
+        let mut pending: Option<Credentials> = None;
+        let mut retry = Duration::from_secs(1);
+        loop {
+            let waiting = pending.is_some();
+            let retry_due = async move {
+                if waiting {
+                    tokio::time::sleep(retry).await
+                } else {
+                    std::future::pending().await
+                }
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                event = events.recv() => {
+                    if event.is_none() {
+                        return;
+                    }
+                    // Let the rest of a swap land, then read once.
+                    tokio::time::sleep(SETTLE).await;
+                    while events.try_recv().is_ok() {}
+                    pending = self.read_changed();
+                    retry = Duration::from_secs(1);
+                }
+                _ = retry_due => retry = (retry * 2).min(RETRY_MAX),
+            }
+            if let Some(candidate) = pending.take() {
+                pending = self.try_apply(candidate).await;
+            }
+        }
+    }
+
+    /// The file's credentials if they differ from those in use; problems are logged (never
+    /// the content) and leave the current credentials in place.
+    fn read_changed(&self) -> Option<Credentials> {
+        match Credentials::load(&self.path, self.default_username.as_deref()) {
+            Ok(c) if c.same_as(&self.store.current()) => None,
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(error = %e, "credential file unusable; keeping the last good credentials");
+                self.metrics.reloaded("invalid");
+                None
+            }
+        }
+    }
+
+    /// Tests `candidate` on a probe connection; applies it, or hands it back to retry.
+    async fn try_apply(&self, candidate: Credentials) -> Option<Credentials> {
+        match probe::probe(&self.upstream, &candidate, &self.handshake, &self.expect).await {
+            Ok(_) => {
+                tracing::info!(user = candidate.username(), "credentials reloaded");
+                self.store.replace(candidate);
+                self.metrics.reloaded("applied");
+                None
+            }
+            Err(ProbeError::Handshake(HandshakeError::AuthRejected { reason, .. })) => {
+                tracing::warn!(user = candidate.username(), %reason, "new credentials refused by the upstream; keeping the current ones, will retry");
+                self.metrics.reloaded("rejected");
+                Some(candidate)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot test the new credentials yet; keeping the current ones, will retry");
+                self.metrics.reloaded("unverified");
+                Some(candidate)
+            }
+        }
+    }
+}
+
+fn watch_folder(
+    file: &Path,
+    tx: mpsc::UnboundedSender<()>,
+) -> notify::Result<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let folder = match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            let _ = tx.send(());
+        }
+    })?;
+    watcher.watch(&folder, notify::RecursiveMode::NonRecursive)?;
+    Ok(watcher)
+}
