@@ -1,0 +1,297 @@
+//! DESIGN section 6: credential rotation, readiness, metrics, profile expectations, idle
+//! timeout. Every wait is on a condition with a deadline.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use prometheus_parse::{Scrape, Value};
+
+/// Parses `/metrics` with a real Prometheus text-format parser.
+async fn scrape(amb: &Ambassador) -> Scrape {
+    let (status, body) = amb.admin_get("/metrics").await;
+    assert_eq!(status, 200);
+    Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).expect("valid exposition text")
+}
+
+/// The value of `name` with `label`=`value` (or the only sample when `label` is empty).
+async fn metric(amb: &Ambassador, name: &str, label: (&str, &str)) -> Option<f64> {
+    let scrape = scrape(amb).await;
+    scrape.samples.iter().find_map(|s| {
+        let matches =
+            s.metric == name && (label.0.is_empty() || s.labels.get(label.0) == Some(label.1));
+        match (&s.value, matches) {
+            (Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v), true) => Some(*v),
+            _ => None,
+        }
+    })
+}
+
+/// Polls until `f` holds, failing after the deadline.
+async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await; // polling interval, not synchronisation
+    }
+}
+
+/// A Kubernetes-style Secret mount: `redis-credentials -> ..data/redis-credentials`,
+/// `..data -> ..<version>`. `swap` replaces the content the way the kubelet does.
+struct SecretMount {
+    dir: std::path::PathBuf,
+    version: u32,
+}
+
+impl SecretMount {
+    fn new(dir: &Path, content: &str) -> SecretMount {
+        let mut m = SecretMount {
+            dir: dir.to_owned(),
+            version: 0,
+        };
+        m.swap(content);
+        std::os::unix::fs::symlink("..data/redis-credentials", dir.join("redis-credentials"))
+            .unwrap();
+        m
+    }
+
+    fn path(&self) -> std::path::PathBuf {
+        self.dir.join("redis-credentials")
+    }
+
+    fn swap(&mut self, content: &str) {
+        self.version += 1;
+        let versioned = format!("..v{}", self.version);
+        std::fs::create_dir(self.dir.join(&versioned)).unwrap();
+        std::fs::write(self.dir.join(&versioned).join("redis-credentials"), content).unwrap();
+        let tmp = self.dir.join("..data_tmp");
+        std::os::unix::fs::symlink(&versioned, &tmp).unwrap();
+        std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
+    }
+}
+
+fn creds(password: &str) -> String {
+    format!("username = \"{USER}\"\npassword = \"{password}\"\n")
+}
+
+async fn ambassador_on(server: &RedisServer, secret: &Path, extra: &str) -> Ambassador {
+    let dir = tempfile::tempdir().unwrap();
+    let profile = format!(
+        "[listen]\naddress = \"127.0.0.1:0\"\n[upstream]\naddress = \"{}\"\n[credentials]\nfile = \"{}\"\n\
+         [admin]\nprobe_interval = \"100ms\"\nready_within = \"2s\"\n{extra}",
+        server.addr(),
+        secret.display()
+    );
+    Ambassador::with_config(load_config(dir.path(), &profile), dir).await
+}
+
+#[tokio::test]
+async fn rotation_is_tested_then_applied_to_new_and_open_sessions() {
+    let server = RedisServer::start(ServerAuth::app());
+    let mount_dir = tempfile::tempdir().unwrap();
+    let mut mount = SecretMount::new(mount_dir.path(), &creds(PASSWORD));
+    let amb = ambassador_on(&server, &mount.path(), "").await;
+    let mut busy = amb.connect().await;
+    let mut idle = amb.connect().await;
+    assert_eq!(busy.cmd(&["SET", "k", "1"]).await, simple("OK"));
+    assert_eq!(idle.cmd(&["PING"]).await, simple("PONG"));
+
+    // A file the upstream refuses is not applied; an empty one is not either.
+    mount.swap(&creds("not-accepted-yet"));
+    eventually("the refused reload is counted", || async {
+        metric(
+            &amb,
+            "ambassador_credential_reloads_total",
+            ("result", "rejected"),
+        )
+        .await
+            >= Some(1.0)
+    })
+    .await;
+    mount.swap("");
+    eventually("the invalid reload is counted", || async {
+        metric(
+            &amb,
+            "ambassador_credential_reloads_total",
+            ("result", "invalid"),
+        )
+        .await
+            >= Some(1.0)
+    })
+    .await;
+    let mut still_old = amb.connect().await;
+    assert_eq!(still_old.cmd(&["PING"]).await, simple("PONG"));
+
+    // Redis learns the new password first, then the secret changes: applied.
+    let mut admin = server.direct().await;
+    assert_eq!(
+        admin
+            .cmd(&["ACL", "SETUSER", USER, ">rotated-pass-2"])
+            .await,
+        simple("OK")
+    );
+    mount.swap(&creds("rotated-pass-2"));
+    eventually("the reload is applied", || async {
+        metric(
+            &amb,
+            "ambassador_credential_reloads_total",
+            ("result", "applied"),
+        )
+        .await
+            == Some(1.0)
+    })
+    .await;
+    // Both open sessions re-authenticate: the idle one at once, the busy one between commands.
+    let mut batch = command(&["INCR", "k"]);
+    batch.extend(command(&["GET", "k"]));
+    busy.send(&batch).await;
+    assert_eq!(busy.reply().await, int(2));
+    assert_eq!(
+        busy.reply().await,
+        bulk(b"2"),
+        "no stray +OK from the injected AUTH"
+    );
+    eventually("both open sessions re-authenticated", || async {
+        metric(&amb, "ambassador_session_reauth_total", ("result", "ok")).await >= Some(2.0)
+    })
+    .await;
+    assert_eq!(
+        idle.cmd(&["PING"]).await,
+        simple("PONG"),
+        "no stray +OK on the idle session"
+    );
+
+    // The old password is gone upstream: new connections work, the open ones too.
+    assert_eq!(
+        admin
+            .cmd(&["ACL", "SETUSER", USER, &format!("<{PASSWORD}")])
+            .await,
+        simple("OK")
+    );
+    let mut fresh = amb.connect().await;
+    assert_eq!(fresh.cmd(&["ACL", "WHOAMI"]).await, bulk(USER.as_bytes()));
+    assert_eq!(busy.cmd(&["GET", "k"]).await, bulk(b"2"));
+}
+
+#[tokio::test]
+async fn readiness_follows_the_upstream_and_metrics_parse() {
+    let server = RedisServer::start(ServerAuth::app());
+    let secret_dir = tempfile::tempdir().unwrap();
+    let secret = server.credential_file(secret_dir.path());
+    let amb = ambassador_on(&server, &secret, "").await;
+    assert_eq!(amb.admin_get("/healthz").await.0, 200);
+    eventually("ready", || async {
+        amb.admin_get("/readyz").await.0 == 200
+    })
+    .await;
+
+    let mut c = amb.connect().await;
+    assert_eq!(c.cmd(&["SET", "k", "hello"]).await, simple("OK"));
+    drop(c);
+    eventually("the session's bytes are counted", || async {
+        metric(
+            &amb,
+            "ambassador_relayed_bytes_total",
+            ("direction", "upstream_to_client"),
+        )
+        .await
+            > Some(0.0)
+    })
+    .await;
+    let scrape = scrape(&amb).await;
+    let names: Vec<&str> = scrape.samples.iter().map(|s| s.metric.as_str()).collect();
+    for expected in [
+        "ambassador_clients_active",
+        "ambassador_clients_total",
+        "ambassador_upstream_handshake_seconds",
+        "ambassador_credential_age_seconds",
+        "ambassador_upstream_target",
+    ] {
+        assert!(
+            names.contains(&expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+    let target = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "ambassador_upstream_target")
+        .unwrap();
+    assert_eq!(target.labels.get("address"), Some(server.addr().as_str()));
+
+    drop(server);
+    eventually("not ready once the upstream is gone", || async {
+        let (status, body) = amb.admin_get("/readyz").await;
+        status == 503 && body.contains("upstream last reached")
+    })
+    .await;
+    let mut refused = amb.connect().await;
+    assert!(refused
+        .read_to_close()
+        .await
+        .starts_with(b"-ERR ambassador: upstream unavailable"));
+    assert!(
+        metric(
+            &amb,
+            "ambassador_upstream_connect_failures_total",
+            ("reason", "connect")
+        )
+        .await
+            >= Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn a_profile_expecting_another_upstream_refuses_to_relay() {
+    let server = RedisServer::start(ServerAuth::app());
+    let secret_dir = tempfile::tempdir().unwrap();
+    let secret = server.credential_file(secret_dir.path());
+    let extra = "[upstream.expect]\nuser = \"prod-app\"\ninfo = { redis_mode = \"standalone\" }\n";
+    let amb = ambassador_on(&server, &secret, extra).await;
+    eventually("the mismatch is found", || async {
+        let (status, body) = amb.admin_get("/readyz").await;
+        status == 503 && body.contains("does not match") || body.contains("expected \"prod-app\"")
+    })
+    .await;
+    let mut c = amb.connect().await;
+    let got = String::from_utf8_lossy(&c.read_to_close().await).into_owned();
+    assert!(
+        got.starts_with("-ERR ambassador: upstream does not match the profile (ACL WHOAMI: expected \"prod-app\", got \"app\")"),
+        "{got}"
+    );
+}
+
+#[tokio::test]
+async fn idle_sessions_close_only_when_configured() {
+    let server = RedisServer::start(ServerAuth::app());
+    let amb = Ambassador::start(&server, "").await;
+    let dir = tempfile::tempdir().unwrap();
+    let profile = profile_for(&server, dir.path(), "").replace(
+        "address = \"127.0.0.1:0\"",
+        "address = \"127.0.0.1:0\"\nidle_timeout = \"300ms\"",
+    );
+    let short = Ambassador::with_config(load_config(dir.path(), &profile), dir).await;
+    let mut idle = short.connect().await;
+    assert_eq!(idle.cmd(&["PING"]).await, simple("PONG"));
+    assert_eq!(
+        idle.read_to_close().await,
+        b"",
+        "closed after 300 ms of silence"
+    );
+
+    // Without the setting, a blocking pop may wait as long as it likes.
+    let mut blocked = amb.connect().await;
+    blocked
+        .send(&command(&["BLPOP", "never-pushed", "1"]))
+        .await;
+    assert_eq!(
+        blocked.reply().await,
+        redis_protocol::resp3::types::OwnedFrame::Null
+    );
+}
