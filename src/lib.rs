@@ -63,8 +63,13 @@ pub async fn run(
         idle_timeout: config.listen.idle_timeout,
         metrics: Arc::clone(&metrics),
     });
+    let admin_address = admin
+        .as_ref()
+        .and_then(|a| a.local_addr().ok())
+        .map_or_else(|| "off".to_owned(), |a| a.to_string());
     tracing::info!(
         address = %listener.local_address(),
+        admin = %admin_address,
         upstream = %config.upstream.address,
         profile = %config.profile,
         "listening"
@@ -73,7 +78,6 @@ pub async fn run(
     let background = CancellationToken::new();
     let helpers = TaskTracker::new();
     if let Some(admin) = admin {
-        tracing::info!(address = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin endpoint listening");
         let stop = background.clone();
         helpers.spawn(admin::serve(
             admin,

@@ -51,8 +51,12 @@ impl Reloader {
                 return;
             }
         };
-        let mut pending: Option<Credentials> = None;
+        // A change between the start-up read and the watch would otherwise go unseen.
+        let mut pending: Option<Credentials> = self.read_changed();
         let mut retry = Duration::from_secs(1);
+        if let Some(candidate) = pending.take() {
+            pending = self.try_apply(candidate).await;
+        }
         loop {
             let waiting = pending.is_some();
             let retry_due = async move {

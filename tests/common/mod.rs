@@ -520,6 +520,8 @@ pub fn error_text(f: &OwnedFrame) -> String {
 pub struct Binary {
     pub child: Child,
     pub addr: String,
+    /// The admin endpoint's address, or "off".
+    pub admin: String,
     pub stderr_lines: std::sync::mpsc::Receiver<String>,
 }
 
@@ -530,8 +532,8 @@ impl Binary {
             .args(args)
             .env_remove("AMBASSADOR_PROFILE")
             .env_remove("AMBASSADOR_CONFIG_DIR")
-            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -549,6 +551,7 @@ impl Binary {
         let mut bin = Binary {
             child,
             addr: String::new(),
+            admin: String::new(),
             stderr_lines: rx,
         };
         let deadline = Instant::now() + DEADLINE;
@@ -560,6 +563,23 @@ impl Binary {
             });
             if let Some(rest) = line.split("listening address=").nth(1) {
                 bin.addr = rest.split_whitespace().next().unwrap().to_owned();
+                let admin = line
+                    .split(" admin=")
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next());
+                bin.admin = admin.unwrap_or("off").to_owned();
+                return bin;
+            }
+            if line.contains(r#""message":"listening""#) {
+                let field = |name: &str| {
+                    let key = format!(r#""{name}":""#);
+                    line.split(&key)
+                        .nth(1)
+                        .and_then(|r| r.split('"').next())
+                        .map(str::to_owned)
+                };
+                bin.addr = field("address").expect("address in the JSON listening line");
+                bin.admin = field("admin").unwrap_or_else(|| "off".into());
                 return bin;
             }
             seen.push(line);
@@ -568,6 +588,42 @@ impl Binary {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Sends a signal to the process (which this test started).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit, within the deadline.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the process did not exit");
+            std::thread::sleep(Duration::from_millis(20)); // polling interval
+        }
+    }
+
+    /// Everything the process wrote to stderr after the listening line, up to its end: call
+    /// after it exited (the reader stops at end of file).
+    pub fn stderr_to_end(&self) -> String {
+        let deadline = Instant::now() + DEADLINE;
+        let mut lines = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr_lines.recv_timeout(left) {
+                Ok(line) => lines.push(line),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return lines.join("\n"),
+                Err(e) => panic!("stderr did not end: {e}"),
+            }
+        }
     }
 }
 
