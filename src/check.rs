@@ -10,8 +10,7 @@ use crate::upstream;
 
 /// Connects, runs the handshake, then asks the server who we are and what it runs.
 pub async fn run(config: &Config) -> Result<String, Box<dyn std::error::Error>> {
-    let (mut stream, addr) =
-        upstream::connect(&config.upstream.address, config.upstream.connect_timeout).await?;
+    let (mut stream, addr) = upstream::connect(&config.upstream).await?;
     handshake::run(
         &mut stream,
         &config.credentials,
@@ -49,7 +48,13 @@ pub async fn run(config: &Config) -> Result<String, Box<dyn std::error::Error>> 
             .unwrap_or_else(|| "unknown".into()),
         _ => "unknown".to_owned(),
     };
-    Ok(format!(
-        "connected: {addr}\nauthenticated as: {whoami}\nserver version: {version}"
-    ))
+    let mut report = format!("connected: {addr}\n");
+    if let Some(tls) = stream.tls_summary() {
+        report.push_str(&tls);
+        report.push('\n');
+    }
+    report.push_str(&format!(
+        "authenticated as: {whoami}\nserver version: {version}"
+    ));
+    Ok(report)
 }

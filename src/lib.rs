@@ -5,7 +5,8 @@
 //!
 //! 1. [`listener`]: accept (TCP or unix socket), enforce `max_clients`, spawn a session.
 //! 2. [`session`]: connect upstream, handshake, relay, log one closing line.
-//! 3. [`upstream`]: resolve the host anew and connect within `connect_timeout`.
+//! 3. [`upstream`]: resolve the host anew and connect (TCP, then TLS with the config [`tls`]
+//!    built at start) within `connect_timeout`.
 //! 4. [`handshake`]: the ambassador's own AUTH / CLIENT SETNAME / SELECT, within a limit.
 //! 5. [`relay`]: both directions; client commands framed by [`resp`] and judged by [`filter`].
 //!
@@ -21,6 +22,7 @@ pub mod listener;
 pub mod relay;
 pub mod resp;
 pub mod session;
+pub mod tls;
 pub mod upstream;
 
 use std::future::Future;
@@ -38,6 +40,14 @@ use session::Shared;
 /// Serves clients from `listener` until `shutdown` completes, then stops accepting, gives
 /// open sessions `drain_timeout` to finish, and closes the rest.
 pub async fn run(config: Config, listener: Listener, shutdown: impl Future<Output = ()>) {
+    if config
+        .upstream
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.insecure_skip_verify)
+    {
+        tracing::warn!("{}", tls::INSECURE_WARNING);
+    }
     let shared = Arc::new(Shared {
         upstream: config.upstream.clone(),
         handshake: config.handshake.clone(),

@@ -28,12 +28,7 @@ where
     let started = Instant::now();
     let credentials = shared.credentials.current();
     let target = &shared.upstream.address;
-    let (mut upstream, upstream_addr) = match upstream::connect(
-        target,
-        shared.upstream.connect_timeout,
-    )
-    .await
-    {
+    let (mut upstream, upstream_addr) = match upstream::connect(&shared.upstream).await {
         Ok(connected) => connected,
         Err(e) => {
             tracing::warn!(upstream = %target, reason = e.reason(), error = %e, "upstream unavailable");
