@@ -155,13 +155,21 @@ async fn handshake(
     tcp: TcpStream,
     addr: SocketAddr,
 ) -> Result<TlsStream<TcpStream>, ConnectError> {
-    TlsConnector::from(tls.config.clone())
+    let stream = TlsConnector::from(tls.config.clone())
         .connect(tls.server_name.clone(), tcp)
         .await
         .map_err(|e| ConnectError::Tls {
             address: addr,
             failure: tls::classify_handshake(&e),
-        })
+        })?;
+    let conn = stream.get_ref().1;
+    tracing::debug!(
+        upstream = %addr,
+        version = ?conn.protocol_version(),
+        kind = ?conn.handshake_kind(),
+        "TLS established"
+    );
+    Ok(stream)
 }
 
 async fn connect_tcp(target: &HostPort) -> Result<(TcpStream, SocketAddr), ConnectError> {
