@@ -170,6 +170,44 @@ async fn a_server_that_requires_a_client_certificate_says_so() {
 }
 
 #[tokio::test]
+async fn a_client_certificate_the_server_does_not_trust_is_reported() {
+    let pki = Pki::new();
+    let server_tls = ServerTls {
+        require_client_cert: true,
+        ..ServerTls::new(&pki)
+    };
+    let server = RedisServer::start_tls(ServerAuth::app(), &server_tls);
+    let tls = [
+        toml_path("ca_file", &pki.ca),
+        toml_path("client_cert_file", &pki.stranger_cert),
+        toml_path("client_key_file", &pki.stranger_key),
+    ]
+    .concat();
+    let amb = ambassador(&server, &server.tls_addr("127.0.0.1"), &tls).await;
+    assert_refused(
+        &refusal(&amb).await,
+        "peer rejected the client certificate (",
+    );
+}
+
+#[tokio::test]
+async fn a_port_that_does_not_speak_tls_is_named() {
+    // Answers the ClientHello the way a plain Redis port may: with a RESP error.
+    let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = plain.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        while let Ok((mut s, _)) = plain.accept().await {
+            let _ = s.write_all(b"-ERR unknown command\r\n").await;
+        }
+    });
+    let pki = Pki::new();
+    let server = RedisServer::start(ServerAuth::app());
+    let amb = ambassador(&server, &address, &toml_path("ca_file", &pki.ca)).await;
+    assert_refused(&refusal(&amb).await, "peer does not speak TLS");
+}
+
+#[tokio::test]
 async fn the_tls_handshake_counts_within_connect_timeout() {
     // Accepts TCP (the kernel completes it from the backlog) but never answers the hello.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -23,6 +23,9 @@ pub struct Pki {
     pub expired_key: PathBuf,
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
+    /// A client certificate from `other_ca`, which the servers do not trust.
+    pub stranger_cert: PathBuf,
+    pub stranger_key: PathBuf,
 }
 
 struct Ca {
@@ -85,6 +88,10 @@ impl Pki {
             ExtendedKeyUsagePurpose::ClientAuth,
         );
         let client = params.signed_by(&client_key, &ca.cert, &ca.key).unwrap();
+        let (params, stranger_key) = leaf(&[], "stranger", ExtendedKeyUsagePurpose::ClientAuth);
+        let stranger = params
+            .signed_by(&stranger_key, &other.cert, &other.key)
+            .unwrap();
 
         Pki {
             ca: write(d, "ca.pem", &ca.cert.pem()),
@@ -96,6 +103,8 @@ impl Pki {
             expired_key: write(d, "expired-key.pem", &expired_key.serialize_pem()),
             client_cert: write(d, "client.pem", &client.pem()),
             client_key: write(d, "client-key.pem", &client_key.serialize_pem()),
+            stranger_cert: write(d, "stranger.pem", &stranger.pem()),
+            stranger_key: write(d, "stranger-key.pem", &stranger_key.serialize_pem()),
             dir,
         }
     }
