@@ -15,6 +15,7 @@ use config::{Environment, File, FileFormat, Value, ValueKind};
 use serde::Deserialize;
 
 use crate::credentials::{Credentials, DownstreamPassword};
+use crate::tls::{Tls, TlsOptions};
 
 /// What `main` gathered from the process: the only inputs of [`Config::load`].
 #[derive(Debug, Clone, Default)]
@@ -89,6 +90,8 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
     pub expect: UpstreamExpect,
+    /// `[upstream.tls]`, its client config already built: `None` is plain TCP.
+    pub tls: Option<Tls>,
 }
 
 /// What the profile expects of its upstream, so a pod with the wrong environment's secret or
@@ -247,6 +250,18 @@ struct RawTls {
     client_cert_file: Option<PathBuf>,
     client_key_file: Option<PathBuf>,
     insecure_skip_verify: Option<bool>,
+}
+
+impl From<RawTls> for TlsOptions {
+    fn from(raw: RawTls) -> Self {
+        TlsOptions {
+            server_name: raw.server_name,
+            ca_file: raw.ca_file,
+            client_cert_file: raw.client_cert_file,
+            client_key_file: raw.client_key_file,
+            insecure_skip_verify: raw.insecure_skip_verify.unwrap_or(false),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -464,12 +479,20 @@ fn validate(raw: Raw, profile: String, mut errors: ConfigErrors) -> Result<Confi
     if raw.upstream.dns_server.is_some() {
         errors.add("upstream.dns_server", "not supported by this version");
     }
-    if raw.upstream.tls.is_some_and(|t| t.enabled.unwrap_or(true)) {
-        errors.add(
-            "upstream.tls",
-            "TLS toward the upstream is not supported by this version",
-        );
-    }
+    let tls = raw
+        .upstream
+        .tls
+        .filter(|t| t.enabled.unwrap_or(true))
+        .and_then(|t| {
+            let host = upstream_address.as_ref().map(|a| a.host.as_str());
+            Tls::build(&t.into(), host)
+                .map_err(|problems| {
+                    for p in problems {
+                        errors.add(p.key(), p.to_string());
+                    }
+                })
+                .ok()
+        });
     let connect_timeout = positive(
         &mut errors,
         "upstream.connect_timeout",
@@ -568,6 +591,7 @@ fn validate(raw: Raw, profile: String, mut errors: ConfigErrors) -> Result<Confi
                     connect_timeout,
                     handshake_timeout,
                     expect: raw.upstream.expect.unwrap_or_default(),
+                    tls,
                 },
                 credentials_file,
                 credentials,
@@ -621,6 +645,9 @@ impl Config {
             self.credentials.username(),
             self.credentials_file.display(),
         );
+        if let Some(tls) = &self.upstream.tls {
+            s.push_str(&format!("\n{}", tls.summary()));
+        }
         if self.listen.password.is_some() {
             s.push_str("\nclients must authenticate: yes (password redacted)");
         }

@@ -3,10 +3,15 @@
 //! Passwords live in `SecretString` everywhere else: no `Display`, a redacted `Debug`. They
 //! leave this module only as RESP bytes in a buffer that is zeroed when dropped, written to
 //! the upstream socket and nowhere else. `expose_secret()` is called here and nowhere else.
+//!
+//! The TLS client key is read here too, straight into rustls' key type (redacted `Debug`),
+//! and handed to rustls without passing through any other code.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rustls::pki_types::pem::{self, PemObject};
+use rustls::pki_types::PrivateKeyDer;
 use secrecy::zeroize::Zeroizing;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
@@ -24,6 +29,32 @@ pub enum CredentialsError {
     },
     #[error("credential file {path} holds an empty password")]
     Empty { path: PathBuf },
+}
+
+/// A TLS client key file could not be used. Never carries any of the file's content.
+#[derive(Debug, Error)]
+pub enum TlsKeyError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no PEM private key in {path}")]
+    NoKey { path: PathBuf },
+}
+
+/// The first private key (PKCS#8, PKCS#1 or SEC1) of a PEM file. A parse error is reported
+/// without its detail, because that detail may quote the key.
+pub fn load_tls_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsKeyError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| match e {
+        pem::Error::Io(source) => TlsKeyError::Read {
+            path: path.to_owned(),
+            source,
+        },
+        _ => TlsKeyError::NoKey {
+            path: path.to_owned(),
+        },
+    })
 }
 
 /// The upstream credentials of the selected profile.

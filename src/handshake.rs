@@ -11,6 +11,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::config::Handshake;
 use crate::credentials::{Credentials, SecretBytes};
+use crate::tls::{self, TlsFailure};
 
 #[derive(Debug, Error)]
 pub enum HandshakeError {
@@ -28,9 +29,22 @@ pub enum HandshakeError {
     #[error("upstream closed the connection during the handshake")]
     Closed,
     #[error("upstream handshake I/O: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+    /// The TLS layer refused the connection after its own handshake: with TLS 1.3 a server
+    /// that requires a client certificate says so on the first read.
+    #[error("TLS: {0}")]
+    Tls(TlsFailure),
     #[error("upstream sent a malformed reply during the handshake")]
     Malformed,
+}
+
+impl From<std::io::Error> for HandshakeError {
+    fn from(e: std::io::Error) -> Self {
+        match tls::classify(&e) {
+            Some(failure) => HandshakeError::Tls(failure),
+            None => HandshakeError::Io(e),
+        }
+    }
 }
 
 /// The handshake commands, in the order they are sent, and what each is called in errors.

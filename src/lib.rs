@@ -5,7 +5,8 @@
 //!
 //! 1. [`listener`]: accept (TCP or unix socket), enforce `max_clients`, spawn a session.
 //! 2. [`session`]: connect upstream, handshake, relay, log one closing line.
-//! 3. [`upstream`]: resolve the host anew and connect within `connect_timeout`.
+//! 3. [`upstream`]: resolve the host anew and connect (TCP, then TLS with the config [`tls`]
+//!    built at start) within `connect_timeout`.
 //! 4. [`handshake`]: the ambassador's own AUTH / CLIENT SETNAME / SELECT, within a limit.
 //! 5. [`relay`]: both directions; client commands framed by [`resp`] and judged by [`filter`].
 //!
@@ -26,6 +27,7 @@ pub mod relay;
 pub mod resp;
 pub mod rotation;
 pub mod session;
+pub mod tls;
 pub mod upstream;
 
 use std::future::Future;
@@ -51,6 +53,14 @@ pub async fn run(
     admin: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) {
+    if config
+        .upstream
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.insecure_skip_verify)
+    {
+        tracing::warn!("{}", tls::INSECURE_WARNING);
+    }
     let metrics = Arc::new(Metrics::new());
     metrics.set_target(&config.upstream.address.to_string());
     let credentials = CredentialStore::new(config.credentials);

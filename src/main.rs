@@ -137,9 +137,12 @@ async fn check(config: &Config) -> ExitCode {
     .await
     {
         Ok(report) => {
+            println!("connected: {}", report.address);
+            if let Some(tls) = &report.tls {
+                println!("{tls}");
+            }
             println!(
-                "connected: {}\nauthenticated as: {}\nserver version: {}\ncheck: ok",
-                report.address,
+                "authenticated as: {}\nserver version: {}\ncheck: ok",
                 report.whoami,
                 report.version()
             );

@@ -36,6 +36,8 @@ pub enum ProbeError {
 #[derive(Debug)]
 pub struct Report {
     pub address: String,
+    /// The TLS version and the peer certificate's subject, on a TLS connection.
+    pub tls: Option<String>,
     pub whoami: String,
     pub info: BTreeMap<String, String>,
 }
@@ -56,7 +58,8 @@ pub async fn probe(
     settings: &Handshake,
     expect: &UpstreamExpect,
 ) -> Result<Report, ProbeError> {
-    let (mut stream, addr) = upstream::connect(&upstream.address, upstream.connect_timeout).await?;
+    let (mut stream, addr) = upstream::connect(upstream).await?;
+    let tls = stream.tls_summary();
     handshake::run(
         &mut stream,
         credentials,
@@ -102,6 +105,7 @@ pub async fn probe(
     };
     let report = Report {
         address: addr.to_string(),
+        tls,
         whoami,
         info,
     };

@@ -40,12 +40,7 @@ where
     let mut credentials = shared.credentials.subscribe();
     let current = Arc::clone(&credentials.borrow_and_update());
     let target = &shared.upstream.address;
-    let (mut upstream, upstream_addr) = match upstream::connect(
-        target,
-        shared.upstream.connect_timeout,
-    )
-    .await
-    {
+    let (mut upstream, upstream_addr) = match upstream::connect(&shared.upstream).await {
         Ok(connected) => connected,
         Err(e) => {
             tracing::warn!(upstream = %target, reason = e.reason(), error = %e, "upstream unavailable");

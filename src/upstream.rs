@@ -1,14 +1,20 @@
-//! Reaching the upstream: resolve the host again for every connection, connect within
-//! `connect_timeout`, TCP_NODELAY on.
+//! Reaching the upstream: resolve the host again for every connection, connect and, with
+//! `[upstream.tls]`, run the TLS handshake, all within one `connect_timeout`. TCP_NODELAY on.
 
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
 
-use crate::config::HostPort;
+use crate::config::{HostPort, Upstream};
+use crate::tls::{self, Tls, TlsFailure};
 
 /// The upstream could not be reached. The text is what the client sees after
 /// `upstream unavailable`, so it names the address and the limit, nothing else.
@@ -20,6 +26,12 @@ pub enum ConnectError {
     Connect { address: String, reason: String },
     #[error("connect to {address}: timed out after {limit:?}")]
     Timeout { address: String, limit: Duration },
+    /// The TCP connection was made; the TLS handshake on it failed.
+    #[error("TLS: {failure}")]
+    Tls {
+        address: SocketAddr,
+        failure: TlsFailure,
+    },
 }
 
 impl ConnectError {
@@ -29,6 +41,81 @@ impl ConnectError {
             ConnectError::Resolve { .. } => "dns",
             ConnectError::Connect { .. } => "connect",
             ConnectError::Timeout { .. } => "timeout",
+            ConnectError::Tls { .. } => "tls",
+        }
+    }
+}
+
+/// An upstream connection, plain or TLS. Boxed TLS state keeps the plain case small.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    /// The negotiated TLS version and the peer's certificate, for `--check`.
+    pub fn tls_summary(&self) -> Option<String> {
+        match self {
+            Stream::Plain(_) => None,
+            Stream::Tls(s) => Some(tls::describe(s.get_ref().1)),
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -41,43 +128,18 @@ fn reason(e: &io::Error) -> String {
     }
 }
 
-/// Connects to the first address of `target` that accepts, all within `limit`.
-pub async fn connect(
-    target: &HostPort,
-    limit: Duration,
-) -> Result<(TcpStream, SocketAddr), ConnectError> {
-    let address = target.to_string();
+/// Connects to the first address of the upstream that accepts, then runs the TLS handshake
+/// if configured, all within `connect_timeout`.
+pub async fn connect(upstream: &Upstream) -> Result<(Stream, SocketAddr), ConnectError> {
+    let target = &upstream.address;
+    let limit = upstream.connect_timeout;
     let attempt = async {
-        let resolved = tokio::net::lookup_host((target.host.as_str(), target.port))
-            .await
-            .map_err(|e| ConnectError::Resolve {
-                address: address.clone(),
-                reason: reason(&e),
-            })?;
-        let mut last = None;
-        for addr in resolved {
-            match TcpStream::connect(addr).await {
-                Ok(stream) => {
-                    // Small replies must not wait for Nagle: the client is latency-bound.
-                    let _ = stream.set_nodelay(true);
-                    return Ok((stream, addr));
-                }
-                Err(e) => {
-                    last = Some(ConnectError::Connect {
-                        address: if address == addr.to_string() {
-                            address.clone()
-                        } else {
-                            format!("{address} ({addr})")
-                        },
-                        reason: reason(&e),
-                    })
-                }
-            }
-        }
-        Err(last.unwrap_or_else(|| ConnectError::Resolve {
-            address: address.clone(),
-            reason: "no addresses".to_owned(),
-        }))
+        let (tcp, addr) = connect_tcp(target).await?;
+        let stream = match &upstream.tls {
+            None => Stream::Plain(tcp),
+            Some(tls) => Stream::Tls(Box::new(handshake(tls, tcp, addr).await?)),
+        };
+        Ok((stream, addr))
     };
     match tokio::time::timeout(limit, attempt).await {
         Ok(result) => result,
@@ -86,4 +148,60 @@ pub async fn connect(
             limit,
         }),
     }
+}
+
+async fn handshake(
+    tls: &Tls,
+    tcp: TcpStream,
+    addr: SocketAddr,
+) -> Result<TlsStream<TcpStream>, ConnectError> {
+    let stream = TlsConnector::from(tls.config.clone())
+        .connect(tls.server_name.clone(), tcp)
+        .await
+        .map_err(|e| ConnectError::Tls {
+            address: addr,
+            failure: tls::classify_handshake(&e),
+        })?;
+    let conn = stream.get_ref().1;
+    tracing::debug!(
+        upstream = %addr,
+        version = ?conn.protocol_version(),
+        kind = ?conn.handshake_kind(),
+        "TLS established"
+    );
+    Ok(stream)
+}
+
+async fn connect_tcp(target: &HostPort) -> Result<(TcpStream, SocketAddr), ConnectError> {
+    let address = target.to_string();
+    let resolved = tokio::net::lookup_host((target.host.as_str(), target.port))
+        .await
+        .map_err(|e| ConnectError::Resolve {
+            address: address.clone(),
+            reason: reason(&e),
+        })?;
+    let mut last = None;
+    for addr in resolved {
+        match TcpStream::connect(addr).await {
+            Ok(stream) => {
+                // Small replies must not wait for Nagle: the client is latency-bound.
+                let _ = stream.set_nodelay(true);
+                return Ok((stream, addr));
+            }
+            Err(e) => {
+                last = Some(ConnectError::Connect {
+                    address: if address == addr.to_string() {
+                        address.clone()
+                    } else {
+                        format!("{address} ({addr})")
+                    },
+                    reason: reason(&e),
+                })
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| ConnectError::Resolve {
+        address: address.clone(),
+        reason: "no addresses".to_owned(),
+    }))
 }

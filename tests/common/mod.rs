@@ -3,13 +3,17 @@
 //! No fixed ports, no sleeps as synchronisation: everything waits on a condition with a limit.
 #![allow(dead_code)]
 
+pub mod pki;
+
+pub use pki::ServerTls;
+
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use redis_ambassador::config::{Config, LoadOptions};
+use redis_ambassador::config::{Config, ConfigErrors, LoadOptions};
 use redis_ambassador::Listener;
 use redis_protocol::resp3::decode::complete::decode as decode3;
 use redis_protocol::resp3::types::OwnedFrame;
@@ -82,7 +86,10 @@ impl ServerAuth {
 
 /// A real redis-server in a temp dir, killed on drop.
 pub struct RedisServer {
+    /// The plain port: readiness and direct connections.
     pub port: u16,
+    /// The TLS port, when started with [`RedisServer::start_tls`].
+    pub tls_port: Option<u16>,
     pub auth: ServerAuth,
     pub dir: tempfile::TempDir,
     child: Child,
@@ -94,11 +101,36 @@ impl RedisServer {
     }
 
     pub fn start_with(auth: ServerAuth, extra: &[&str]) -> RedisServer {
+        Self::launch(auth, extra, false)
+    }
+
+    /// A server that also listens with TLS on `tls_port`, presenting `tls.cert`. Readiness
+    /// is still checked on the plain port: redis-server opens every listener before it
+    /// answers, and exits if one fails.
+    pub fn start_tls(auth: ServerAuth, tls: &ServerTls) -> RedisServer {
+        let args: Vec<String> = vec![
+            "--tls-cert-file".into(),
+            tls.cert.display().to_string(),
+            "--tls-key-file".into(),
+            tls.key.display().to_string(),
+            "--tls-ca-cert-file".into(),
+            tls.ca.display().to_string(),
+            "--tls-auth-clients".into(),
+            (if tls.require_client_cert { "yes" } else { "no" }).into(),
+            "--tls-protocols".into(),
+            tls.protocols.into(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::launch(auth, &args, true)
+    }
+
+    fn launch(auth: ServerAuth, extra: &[&str], tls: bool) -> RedisServer {
         let binary = require("redis-server");
         let mut dir = tempfile::tempdir().expect("temp dir");
         let mut last_log = String::new();
         for _ in 0..5 {
             let port = free_port();
+            let tls_port = tls.then(free_port);
             let mut args: Vec<String> = vec![
                 "--port".into(),
                 port.to_string(),
@@ -125,6 +157,9 @@ impl RedisServer {
                 }
                 ServerAuth::RequirePass(p) => args.extend(["--requirepass".into(), p.clone()]),
             }
+            if let Some(p) = tls_port {
+                args.extend(["--tls-port".into(), p.to_string()]);
+            }
             args.extend(extra.iter().map(|s| s.to_string()));
             let child = Command::new(&binary)
                 .args(&args)
@@ -134,6 +169,7 @@ impl RedisServer {
                 .expect("spawn redis-server");
             let mut server = RedisServer {
                 port,
+                tls_port,
                 auth: auth.clone(),
                 dir,
                 child,
@@ -189,6 +225,11 @@ impl RedisServer {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// `host:port` of the TLS listener.
+    pub fn tls_addr(&self, host: &str) -> String {
+        format!("{host}:{}", self.tls_port.expect("started with TLS"))
+    }
+
     /// A direct, authenticated raw connection.
     pub async fn direct(&self) -> Raw {
         let mut raw = Raw::connect(&self.addr()).await;
@@ -234,13 +275,17 @@ pub fn profile_for(server: &RedisServer, dir: &Path, extra: &str) -> String {
 
 /// Loads a config from profile text, as data (no process environment).
 pub fn load_config(dir: &Path, profile_text: &str) -> Config {
+    try_load_config(dir, profile_text).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Loads a config from profile text, returning the errors if it is invalid.
+pub fn try_load_config(dir: &Path, profile_text: &str) -> Result<Config, ConfigErrors> {
     std::fs::write(dir.join("test.toml"), profile_text).unwrap();
     Config::load(&LoadOptions {
         profile: Some("test".into()),
         config_dir: dir.to_owned(),
         ..Default::default()
     })
-    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The ambassador running in-process on an ephemeral port; stopped on drop.
@@ -522,6 +567,8 @@ pub struct Binary {
     pub addr: String,
     /// The admin endpoint's address, or "off".
     pub admin: String,
+    /// The stderr lines before the 'listening' line.
+    pub startup_lines: Vec<String>,
     pub stderr_lines: std::sync::mpsc::Receiver<String>,
 }
 
@@ -552,6 +599,7 @@ impl Binary {
             child,
             addr: String::new(),
             admin: String::new(),
+            startup_lines: Vec::new(),
             stderr_lines: rx,
         };
         let deadline = Instant::now() + DEADLINE;
@@ -568,6 +616,7 @@ impl Binary {
                     .nth(1)
                     .and_then(|r| r.split_whitespace().next());
                 bin.admin = admin.unwrap_or("off").to_owned();
+                bin.startup_lines = seen;
                 return bin;
             }
             if line.contains(r#""message":"listening""#) {
@@ -580,6 +629,7 @@ impl Binary {
                 };
                 bin.addr = field("address").expect("address in the JSON listening line");
                 bin.admin = field("admin").unwrap_or_else(|| "off".into());
+                bin.startup_lines = seen;
                 return bin;
             }
             seen.push(line);
