@@ -1,0 +1,286 @@
+//! Configuration: config-crate layers -> serde structs (unknown keys refused, [`raw`]) ->
+//! validation ([`validate`]) -> a typed [`Config`].
+//!
+//! Layers, later wins: built-in defaults, `<dir>/default.toml` (optional), `<dir>/<profile>.toml`,
+//! `AMBASSADOR__SECTION__KEY` variables, then command-line overrides. Every problem is
+//! collected and reported at once, each by its key; no secret is ever part of a message.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use config::{Environment, File, FileFormat, Value};
+use serde::Deserialize;
+
+use crate::credentials::{Credentials, DownstreamPassword};
+use crate::tls::Tls;
+
+/// What `main` gathered from the process: the only inputs of [`Config::load`].
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// `--profile` or `AMBASSADOR_PROFILE`; `None` means "dev", and then no profile file is
+    /// needed when `--upstream` is given (one-shot mode).
+    pub profile: Option<String>,
+    pub config_dir: PathBuf,
+    /// The process environment, as data (only `AMBASSADOR__*` keys are read).
+    pub env: HashMap<String, String>,
+    /// Command-line flags, as `section.key` -> value; they override every other layer.
+    pub overrides: Vec<(String, String)>,
+}
+
+pub const DEFAULT_PROFILE: &str = "dev";
+
+/// The validated configuration of one ambassador process.
+#[derive(Debug)]
+pub struct Config {
+    pub profile: String,
+    pub listen: Listen,
+    pub upstream: Upstream,
+    pub credentials_file: PathBuf,
+    pub credentials: Credentials,
+    /// The username from the profile, for reloads of a file that holds only a password.
+    pub credentials_username: Option<String>,
+    /// Re-authenticate open sessions when the credentials change.
+    pub reauth_open_sessions: bool,
+    pub handshake: Handshake,
+    pub admin: Admin,
+    pub drain_timeout: Duration,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub address: Option<SocketAddr>,
+    /// How often the ambassador probes the upstream on a connection of its own.
+    pub probe_interval: Duration,
+    /// `/readyz` fails when the upstream was last reached longer ago than this.
+    pub ready_within: Duration,
+}
+
+#[derive(Debug)]
+pub struct Listen {
+    pub address: ListenAddress,
+    pub max_clients: usize,
+    pub password: Option<DownstreamPassword>,
+    /// Close a session idle (no byte either way) this long; off by default, because a
+    /// blocking pop may rightly wait forever.
+    pub idle_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddress {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ListenAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddress::Tcp(a) => write!(f, "{a}"),
+            ListenAddress::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub address: HostPort,
+    pub connect_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub expect: UpstreamExpect,
+    /// `[upstream.tls]`, its client config already built: `None` is plain TCP.
+    pub tls: Option<Tls>,
+}
+
+/// What the profile expects of its upstream, so a pod with the wrong environment's secret or
+/// address fails loudly instead of writing to the wrong Redis.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamExpect {
+    /// The user `ACL WHOAMI` must answer.
+    pub user: Option<String>,
+    /// Fields of `INFO server` and the values they must have.
+    pub info: std::collections::BTreeMap<String, String>,
+}
+
+impl UpstreamExpect {
+    pub fn is_empty(&self) -> bool {
+        self.user.is_none() && self.info.is_empty()
+    }
+}
+
+/// `host:port`, the host resolved again for every new connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPort {
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl std::str::FromStr for HostPort {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("expected host:port, got {s:?}"))?;
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        if host.is_empty() {
+            return Err(format!("expected host:port, got {s:?}"));
+        }
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| format!("invalid port in {s:?}"))?;
+        Ok(HostPort {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Handshake {
+    pub client_name: Option<String>,
+    pub database: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Everything wrong with a configuration, each by key.
+#[derive(Debug, Default)]
+pub struct ConfigErrors {
+    pub profile: String,
+    pub problems: Vec<(String, String)>,
+}
+
+impl ConfigErrors {
+    fn add(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push((key.into(), message.into()));
+    }
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration (profile {:?}):", self.profile)?;
+        let mut problems: Vec<_> = self.problems.iter().collect();
+        problems.sort();
+        for (key, message) in problems {
+            write!(f, "\n  {key}: {message}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+mod raw;
+mod validate;
+
+impl Config {
+    /// Builds the layered configuration and validates all of it, loading the credential files.
+    pub fn load(opts: &LoadOptions) -> Result<Config, ConfigErrors> {
+        let profile = opts
+            .profile
+            .clone()
+            .unwrap_or_else(|| DEFAULT_PROFILE.to_owned());
+        let mut errors = ConfigErrors {
+            profile: profile.clone(),
+            ..Default::default()
+        };
+        let one_shot =
+            opts.profile.is_none() && opts.overrides.iter().any(|(k, _)| k == "upstream.address");
+        let profile_file = opts.config_dir.join(format!("{profile}.toml"));
+        if !one_shot && !profile_file.is_file() {
+            errors.add(
+                "profile",
+                format!("no profile file {}", profile_file.display()),
+            );
+            return Err(errors);
+        }
+        let mut builder = config::Config::builder().add_source(
+            File::from(opts.config_dir.join("default.toml"))
+                .format(FileFormat::Toml)
+                .required(false),
+        );
+        if !one_shot {
+            builder = builder.add_source(File::from(profile_file).format(FileFormat::Toml));
+        }
+        builder = builder.add_source(
+            Environment::with_prefix("AMBASSADOR")
+                .prefix_separator("__")
+                .separator("__")
+                .source(Some(opts.env.clone().into_iter().collect())),
+        );
+        for (key, value) in &opts.overrides {
+            builder = builder
+                .set_override(key.as_str(), value.as_str())
+                .expect("override keys are fixed section.key names");
+        }
+        let tree = match builder.build() {
+            Ok(c) => match c.try_deserialize::<Value>() {
+                Ok(tree) => tree,
+                Err(e) => {
+                    errors.add("profile", e.to_string());
+                    return Err(errors);
+                }
+            },
+            Err(e) => {
+                errors.add("profile", e.to_string());
+                return Err(errors);
+            }
+        };
+        let raw = raw::deserialize_reporting_all(tree, &mut errors);
+        validate::validate(raw, profile, errors)
+    }
+}
+
+impl Config {
+    /// A summary safe to print: addresses, names and file paths, never a secret.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "profile: {}\nlisten: {} (max_clients {})\nupstream: {} (connect_timeout {:?}, handshake_timeout {:?})\ncredentials: user {:?} from {} (password redacted)",
+            self.profile,
+            self.listen.address,
+            self.listen.max_clients,
+            self.upstream.address,
+            self.upstream.connect_timeout,
+            self.upstream.handshake_timeout,
+            self.credentials.username(),
+            self.credentials_file.display(),
+        );
+        if let Some(tls) = &self.upstream.tls {
+            s.push_str(&format!("\n{}", tls.summary()));
+        }
+        if self.listen.password.is_some() {
+            s.push_str("\nclients must authenticate: yes (password redacted)");
+        }
+        if let Some(name) = &self.handshake.client_name {
+            s.push_str(&format!("\nclient name: {name}"));
+        }
+        if let Some(db) = self.handshake.database {
+            s.push_str(&format!("\ndatabase: {db}"));
+        }
+        s
+    }
+}

@@ -1,0 +1,217 @@
+//! From the raw, all-optional form to a typed [`Config`], one section at a time; every
+//! problem is recorded by its key and checking goes on, so all are reported at once.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::raw::{Raw, RawAdmin, RawCredentials, RawHandshake, RawListen, RawUpstream};
+use super::{
+    Admin, Config, ConfigErrors, Handshake, HostPort, Listen, ListenAddress, LogFormat, Upstream,
+};
+use crate::credentials::{Credentials, DownstreamPassword};
+use crate::tls::Tls;
+
+pub(super) fn validate(
+    raw: Raw,
+    profile: String,
+    mut errors: ConfigErrors,
+) -> Result<Config, ConfigErrors> {
+    let e = &mut errors;
+    let listen = listen(raw.listen, e);
+    let upstream = upstream(raw.upstream, e);
+    let credentials = credentials(&raw.credentials, e);
+    let handshake = handshake(raw.handshake, e);
+    let admin = admin(raw.admin, e);
+    let drain_timeout = raw
+        .shutdown
+        .drain_timeout
+        .unwrap_or(Duration::from_secs(30));
+    let log_format = match raw.log.format.as_deref() {
+        None | Some("text") => LogFormat::Text,
+        Some("json") => LogFormat::Json,
+        Some(other) => {
+            e.add(
+                "log.format",
+                format!("expected \"text\" or \"json\", got {other:?}"),
+            );
+            LogFormat::Text
+        }
+    };
+    match (listen, upstream, credentials) {
+        (Some(listen), Some(upstream), Some((credentials_file, credentials)))
+            if errors.problems.is_empty() =>
+        {
+            Ok(Config {
+                profile,
+                listen,
+                upstream,
+                credentials_file,
+                credentials,
+                credentials_username: raw.credentials.username,
+                reauth_open_sessions: raw.credentials.reauth_open_sessions.unwrap_or(true),
+                handshake,
+                admin,
+                drain_timeout,
+                log_format,
+            })
+        }
+        _ => Err(errors),
+    }
+}
+
+fn listen(raw: RawListen, errors: &mut ConfigErrors) -> Option<Listen> {
+    let address = match raw.address.as_deref().unwrap_or("127.0.0.1:6379") {
+        a if a.starts_with("unix:") => Some(ListenAddress::Unix(PathBuf::from(&a[5..]))),
+        a => a
+            .parse()
+            .map(ListenAddress::Tcp)
+            .map_err(|_| {
+                errors.add(
+                    "listen.address",
+                    format!("expected ip:port or unix:/path, got {a:?}"),
+                )
+            })
+            .ok(),
+    };
+    let max_clients = match raw.max_clients.unwrap_or(10_000) {
+        n if n >= 1 => n as usize,
+        n => {
+            errors.add("listen.max_clients", format!("must be at least 1, got {n}"));
+            1
+        }
+    };
+    let password = raw.require_password_file.and_then(|path| {
+        DownstreamPassword::load(&path)
+            .map_err(|e| errors.add("listen.require_password_file", e.to_string()))
+            .ok()
+    });
+    // Zero means off, like leaving it out: a blocking pop may rightly wait forever.
+    let idle_timeout = raw.idle_timeout.filter(|d| !d.is_zero());
+    Some(Listen {
+        address: address?,
+        max_clients,
+        password,
+        idle_timeout,
+    })
+}
+
+fn upstream(raw: RawUpstream, errors: &mut ConfigErrors) -> Option<Upstream> {
+    let address = match raw.address.as_deref() {
+        Some(a) => a
+            .parse::<HostPort>()
+            .map_err(|e| errors.add("upstream.address", e))
+            .ok(),
+        None => {
+            errors.add("upstream.address", "missing");
+            None
+        }
+    };
+    let not_yet = "not supported by this version; use upstream.address";
+    if raw.srv.is_some() {
+        errors.add("upstream.srv", not_yet);
+    }
+    if raw.sentinel.is_some() {
+        errors.add("upstream.sentinel", not_yet);
+    }
+    if raw.dns_server.is_some() {
+        errors.add("upstream.dns_server", "not supported by this version");
+    }
+    let tls = raw.tls.filter(|t| t.enabled.unwrap_or(true)).and_then(|t| {
+        let host = address.as_ref().map(|a| a.host.as_str());
+        Tls::build(&t.into(), host)
+            .map_err(|problems| {
+                for p in problems {
+                    errors.add(p.key(), p.to_string());
+                }
+            })
+            .ok()
+    });
+    let connect_timeout = positive(errors, "upstream.connect_timeout", raw.connect_timeout, 3);
+    let handshake_timeout = positive(
+        errors,
+        "upstream.handshake_timeout",
+        raw.handshake_timeout,
+        3,
+    );
+    Some(Upstream {
+        address: address?,
+        connect_timeout,
+        handshake_timeout,
+        expect: raw.expect.unwrap_or_default(),
+        tls,
+    })
+}
+
+fn credentials(raw: &RawCredentials, errors: &mut ConfigErrors) -> Option<(PathBuf, Credentials)> {
+    let Some(path) = raw.file.as_deref() else {
+        errors.add("credentials.file", "missing");
+        return None;
+    };
+    Credentials::load(path, raw.username.as_deref())
+        .map_err(|e| errors.add("credentials.file", e.to_string()))
+        .ok()
+        .map(|c| (path.to_owned(), c))
+}
+
+fn handshake(raw: RawHandshake, errors: &mut ConfigErrors) -> Handshake {
+    let database = match raw.database {
+        Some(n) if !(0..=i64::from(u32::MAX)).contains(&n) => {
+            errors.add(
+                "handshake.database",
+                format!("must be a database number, got {n}"),
+            );
+            None
+        }
+        other => other.map(|n| n as u32),
+    };
+    if let Some(name) = &raw.client_name {
+        if name.is_empty() || name.bytes().any(|b| !(b'!'..=b'~').contains(&b)) {
+            errors.add(
+                "handshake.client_name",
+                "must be printable ASCII without spaces",
+            );
+        }
+    }
+    Handshake {
+        client_name: raw.client_name,
+        database,
+    }
+}
+
+fn admin(raw: RawAdmin, errors: &mut ConfigErrors) -> Admin {
+    let address = raw.address.as_deref().and_then(|a| {
+        a.parse()
+            .map_err(|_| errors.add("admin.address", format!("expected ip:port, got {a:?}")))
+            .ok()
+    });
+    let probe_interval = positive(errors, "admin.probe_interval", raw.probe_interval, 5);
+    let ready_within = raw.ready_within.unwrap_or(probe_interval * 3);
+    if ready_within < probe_interval {
+        errors.add(
+            "admin.ready_within",
+            "must be at least admin.probe_interval",
+        );
+    }
+    Admin {
+        address,
+        probe_interval,
+        ready_within,
+    }
+}
+
+fn positive(
+    errors: &mut ConfigErrors,
+    key: &str,
+    value: Option<Duration>,
+    default_secs: u64,
+) -> Duration {
+    let default = Duration::from_secs(default_secs);
+    match value {
+        None => default,
+        Some(d) if d.is_zero() => {
+            errors.add(key, "must be longer than 0s");
+            default
+        }
+        Some(d) => d,
+    }
+}
