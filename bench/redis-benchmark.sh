@@ -10,16 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 requests=${1:-200000}
 rounds=${2:-3}
-for tool in redis-server redis-benchmark; do
-  command -v "$tool" >/dev/null || { echo "$tool missing: apt-get install redis-server redis-tools" >&2; exit 1; }
-done
-cargo build --release --quiet
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. bench/lib.sh
+require_tools redis-server redis-cli redis-benchmark python3
+start_scratch
 redis_port=$(free_port)
 printf 'user default off\nuser bench on >bench-pass ~* &* +@all\n' > "$work/users.acl"
 redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
@@ -40,7 +33,6 @@ rps() { # port, pipeline, test, [auth args...]
   redis-benchmark -h 127.0.0.1 -p "$port" "$@" -c 50 -n "$requests" -P "$pipeline" -t "$test" --csv -q 2>/dev/null |
     awk -F, 'NR>1 || !/test/ { gsub(/"/, "", $2); print $2; exit }'
 }
-median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 printf '%-6s %-4s %14s %14s %8s\n' test P direct ambassador ratio
 for pipeline in 1 16; do
   for test in set get; do

@@ -15,14 +15,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 requests=${1:-100000}
 reconnect_requests=${2:-10000}
-for tool in redis-server redis-cli redis-benchmark openssl python3; do
-  command -v "$tool" >/dev/null || { echo "$tool missing: apt-get install redis-server redis-tools openssl python3" >&2; exit 1; }
-done
-cargo build --release --quiet
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
+. bench/lib.sh
+require_tools redis-server redis-cli redis-benchmark openssl python3
+start_scratch
 
 # A CA and a server certificate for localhost and 127.0.0.1, fresh for this run.
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
@@ -33,7 +28,6 @@ printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n
 openssl x509 -req -in "$work/server.csr" -CA "$work/ca.pem" -CAkey "$work/ca-key.pem" \
   -CAcreateserial -days 2 -extfile "$work/ext" -out "$work/server.pem" 2>/dev/null
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 tls_port=$(free_port)
 printf 'user default off\nuser bench on >bench-pass ~* &* +@all\n' > "$work/users.acl"
 redis-server --port 0 --tls-port "$tls_port" --bind 127.0.0.1 --save '' --appendonly no \
