@@ -111,8 +111,8 @@ enum Expect {
     Swallow(usize),
     /// A reply the ambassador makes itself, written once everything before it was relayed.
     Local(&'static [u8]),
-    /// A local reply followed by closing the client.
-    LocalThenClose(Vec<u8>),
+    /// A local reply followed by closing the client, for this reason.
+    LocalThenClose(Vec<u8>, Close),
     /// Replication: from here on both directions are opaque bytes.
     Opaque,
 }

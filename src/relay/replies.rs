@@ -125,10 +125,10 @@ where
                     let reply: &[u8] = reply;
                     self.send(reply).await?;
                 }
-                Some(Expect::LocalThenClose(reply)) => {
-                    let reply = std::mem::take(reply);
+                Some(Expect::LocalThenClose(reply, why)) => {
+                    let (reply, why) = (std::mem::take(reply), *why);
                     self.send(&reply).await?;
-                    return Ok(Head::Close(Close::ProtocolError));
+                    return Ok(Head::Close(why));
                 }
                 Some(Expect::Swallow(n)) => {
                     if self.swallow.is_some() {
@@ -164,6 +164,7 @@ where
             match boundary {
                 None => {}
                 Some(Boundary::Start { at, kind }) => {
+                    // Pushes are never the answer to our own commands.
                     if let Some(s) = self.swallow.as_mut().filter(|_| kind != b'>') {
                         s.in_frame = true;
                         self.send(&chunk[pass_from..at]).await?;
@@ -171,34 +172,16 @@ where
                     }
                 }
                 Some(Boundary::End { at, push, head }) => {
-                    if let Some(mut s) = self.swallow.filter(|s| s.in_frame) {
+                    if self.swallowing_frame() {
                         pass_from = at;
-                        let failed = matches!(head.as_bytes().first(), Some(b'-' | b'!'));
-                        if s.first && s.fatal && failed {
-                            tracing::warn!("upstream refused re-authentication after RESET");
-                            self.send(AUTH_FAILED).await?;
-                            return Ok(Some(Close::ReauthFailed));
+                        if let Some(close) = self.swallowed(head.as_bytes()).await? {
+                            return Ok(Some(close));
                         }
-                        if s.first && !s.fatal {
-                            self.rotated(failed);
-                        }
-                        s.left -= 1;
-                        s.first = false;
-                        s.in_frame = false;
-                        self.swallow = (s.left > 0).then_some(s);
-                        if self.swallow.is_none() && self.head_ready() {
-                            match self.settle().await? {
-                                Head::Wait => {}
-                                Head::Close(c) => return Ok(Some(c)),
-                                Head::Opaque => return self.opaque(&chunk[at..]).await.map(Some),
-                            }
-                        }
+                    } else if push {
                         continue;
+                    } else {
+                        self.count_reply(head.as_bytes());
                     }
-                    if push {
-                        continue;
-                    }
-                    self.count_reply(head.as_bytes());
                     if self.head_ready() {
                         self.send(&chunk[pass_from..at]).await?;
                         pass_from = at;
@@ -211,9 +194,34 @@ where
                 }
             }
         }
-        if !self.swallow.is_some_and(|s| s.in_frame) {
+        if !self.swallowing_frame() {
             self.send(&chunk[pass_from..]).await?;
         }
+        Ok(None)
+    }
+
+    fn swallowing_frame(&self) -> bool {
+        self.swallow.is_some_and(|s| s.in_frame)
+    }
+
+    /// A swallowed reply ended; `head` tells whether it was an error.
+    async fn swallowed(&mut self, head: &[u8]) -> Result<Option<Close>, RelayError> {
+        let Some(mut s) = self.swallow else {
+            return Ok(None);
+        };
+        let failed = matches!(head.first(), Some(b'-' | b'!'));
+        if s.first && s.fatal && failed {
+            tracing::warn!("upstream refused re-authentication after RESET");
+            self.send(AUTH_FAILED).await?;
+            return Ok(Some(Close::ReauthFailed));
+        }
+        if s.first && !s.fatal {
+            self.rotated(failed);
+        }
+        s.left -= 1;
+        s.first = false;
+        s.in_frame = false;
+        self.swallow = (s.left > 0).then_some(s);
         Ok(None)
     }
 
@@ -246,6 +254,7 @@ where
     fn head_ready(&self) -> bool {
         match self.queue.front() {
             None | Some(Expect::Reset { replied: true, .. }) => false,
+            // Our own commands' replies come in order: one swallow after the other.
             Some(Expect::Swallow(_)) => self.swallow.is_none(),
             Some(Expect::Replies(n)) => *n == 0 || !self.tracked,
             Some(_) => true,

@@ -233,7 +233,7 @@ where
             }
             Step::AnswerAndClose(reply) => {
                 self.expect_run(b);
-                self.expect(Expect::LocalThenClose(reply.to_vec()));
+                self.expect(Expect::LocalThenClose(reply.to_vec(), Close::Local));
                 self.skip(b, len).await?;
                 return Ok(Some(Close::Local));
             }
@@ -274,7 +274,7 @@ where
             return Ok(Close::ProtocolError);
         }
         self.expect_run(b);
-        self.expect(Expect::LocalThenClose(e.reply()));
+        self.expect(Expect::LocalThenClose(e.reply(), Close::ProtocolError));
         Ok(Close::Local)
     }
 
