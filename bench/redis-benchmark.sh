@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Throughput through the ambassador against a direct authenticated connection, in one run,
 # with redis-benchmark: SET and GET, 50 clients, pipelines of 1 and 16. Prints requests per
-# second and the ratio ambassador/direct. Everything on loopback; every run is bounded by -n.
+# second and the ratio ambassador/direct. Where HAProxy is installed, the same through HAProxy
+# in TCP mode (a bare proxy hop that cannot inject AUTH: the client authenticates itself),
+# which shows what any extra hop costs on this machine. Loopback only; every run is bounded
+# by -n.
 #
 #   bash bench/redis-benchmark.sh [requests] [rounds]   (defaults: 200000 per test, 3 rounds)
 # Direct and ambassador runs alternate, round after round, and the median of each is shown,
@@ -23,6 +26,16 @@ amb_port=$(free_port)
 RUST_LOG=warn ${AMBASSADOR_BIN:-./target/release/redis-ambassador} --listen "127.0.0.1:$amb_port" \
   --upstream "127.0.0.1:$redis_port" --credentials-file "$work/creds.toml" &
 pids+=($!)
+haproxy_port=
+if command -v haproxy >/dev/null; then
+  haproxy_port=$(free_port)
+  printf 'global\n  maxconn 4096\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nlisten redis\n  bind 127.0.0.1:%s\n  server redis 127.0.0.1:%s\n' \
+    "$haproxy_port" "$redis_port" > "$work/haproxy.cfg"
+  haproxy -db -f "$work/haproxy.cfg" 2>"$work/haproxy.log" &
+  pids+=($!)
+else
+  echo "haproxy not installed: its column is skipped (apt-get install -y haproxy)" >&2
+fi
 for _ in $(seq 100); do
   redis-cli -p "$amb_port" PING 2>/dev/null | grep -q PONG && break
   sleep 0.1
@@ -33,17 +46,23 @@ rps() { # port, pipeline, test, [auth args...]
   redis-benchmark -h 127.0.0.1 -p "$port" "$@" -c 50 -n "$requests" -P "$pipeline" -t "$test" --csv -q 2>/dev/null |
     awk -F, 'NR>1 || !/test/ { gsub(/"/, "", $2); print $2; exit }'
 }
-printf '%-6s %-4s %14s %14s %8s\n' test P direct ambassador ratio
+ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
+printf '%-6s %-4s %12s %12s %7s %12s %7s\n' test P direct ambassador ratio haproxy ratio
 for pipeline in 1 16; do
   for test in set get; do
-    d=() a=()
+    d=() a=() h=()
     for _ in $(seq "$rounds"); do
       d+=("$(rps "$redis_port" "$pipeline" "$test" --user bench -a bench-pass)")
       a+=("$(rps "$amb_port" "$pipeline" "$test")")
+      [ -n "$haproxy_port" ] && h+=("$(rps "$haproxy_port" "$pipeline" "$test" --user bench -a bench-pass)")
     done
     direct=$(printf '%s\n' "${d[@]}" | median)
     via=$(printf '%s\n' "${a[@]}" | median)
-    ratio=$(python3 -c "print(f'{$via/$direct:.2f}')")
-    printf '%-6s %-4s %14.0f %14.0f %8s\n' "$test" "$pipeline" "$direct" "$via" "$ratio"
+    line=$(printf '%-6s %-4s %12.0f %12.0f %7s' "$test" "$pipeline" "$direct" "$via" "$(ratio "$via" "$direct")")
+    if [ -n "$haproxy_port" ]; then
+      hap=$(printf '%s\n' "${h[@]}" | median)
+      line+=$(printf ' %12.0f %7s' "$hap" "$(ratio "$hap" "$direct")")
+    fi
+    echo "$line"
   done
 done
