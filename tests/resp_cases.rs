@@ -619,16 +619,41 @@ async fn run_case(server: &RedisServer, amb: &Ambassador, case: &Case) -> Option
     Some(report)
 }
 
+/// DEBUG PROTOCOL produces every RESP3 type; Redis 7 disables DEBUG by default.
+const DEBUG_ON: &[&str] = &["--enable-debug-command", "yes"];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resp_cases_match_redis() {
+    let server = RedisServer::start_with(ServerAuth::app(), DEBUG_ON);
+    let amb = Ambassador::start(&server, "").await;
+    run_corpus(&server, &amb).await;
+}
+
+/// The same corpus with the ambassador reaching the server over TLS; the direct runs use the
+/// server's plain port, so the comparison is with Redis itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resp_cases_match_redis_over_tls() {
+    let pki = common::pki::Pki::new();
+    let tls = common::pki::ServerTls::new(&pki);
+    let server = RedisServer::start_tls_with(ServerAuth::app(), &tls, DEBUG_ON);
+    let dir = tempfile::tempdir().unwrap();
+    let profile = format!(
+        "[listen]\naddress = \"127.0.0.1:0\"\n[upstream]\naddress = \"{}\"\n\
+         [upstream.tls]\nca_file = \"{}\"\n[credentials]\nfile = \"{}\"\n",
+        server.tls_addr("localhost"),
+        pki.ca.display(),
+        server.credential_file(dir.path()).display()
+    );
+    let amb = Ambassador::with_config(load_config(dir.path(), &profile), dir).await;
+    run_corpus(&server, &amb).await;
+}
+
+async fn run_corpus(server: &RedisServer, amb: &Ambassador) {
     let cases = load_cases();
     assert!(!cases.is_empty(), "no cases in {}", case_dir().display());
-    // DEBUG PROTOCOL produces every RESP3 type; Redis 7 disables DEBUG by default.
-    let server = RedisServer::start_with(ServerAuth::app(), &["--enable-debug-command", "yes"]);
-    let amb = Ambassador::start(&server, "").await;
     let mut failures = Vec::new();
     for case in &cases {
-        if let Some(report) = run_case(&server, &amb, case).await {
+        if let Some(report) = run_case(server, amb, case).await {
             failures.push(report);
         }
     }
