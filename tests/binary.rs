@@ -225,20 +225,7 @@ async fn redis_cli_rdb_works_through_the_replication_stream() {
         simple("OK")
     );
     let dir = tempfile::tempdir().unwrap();
-    let creds = server.credential_file(dir.path());
-    let addr = server.addr();
-    let bin = Binary::start(
-        dir.path(),
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &addr,
-            "--credentials-file",
-            creds.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let bin = binary_for(&server, dir.path(), &[]);
     let (host, port) = bin.addr.rsplit_once(':').unwrap();
     let rdb = dir.path().join("dump.rdb");
     let out = Command::new(require("redis-cli"))

@@ -23,20 +23,7 @@ async fn a_256_mib_value_passes_with_bounded_memory() {
     let server =
         RedisServer::start_with(ServerAuth::app(), &["--client-query-buffer-limit", "1gb"]);
     let dir = tempfile::tempdir().unwrap();
-    let creds = server.credential_file(dir.path());
-    let addr = server.addr();
-    let bin = Binary::start(
-        dir.path(),
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &addr,
-            "--credentials-file",
-            creds.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let bin = binary_for(&server, dir.path(), &[]);
     let mut c = Raw::connect(&bin.addr).await;
     assert_eq!(c.cmd(&["PING"]).await, simple("PONG"));
     let before = peak_rss_kib(bin.pid());
