@@ -12,6 +12,9 @@ use tracing::Instrument;
 use crate::config::ListenAddress;
 use crate::session::{self, Shared};
 
+/// The listen backlog; the kernel caps it at net.core.somaxconn.
+const BACKLOG: u32 = 4096;
+
 pub const MAX_CLIENTS: &[u8] = b"-ERR max number of clients reached\r\n";
 
 /// A bound listening socket. Binding is the caller's (main's, or a test's) business.
@@ -24,7 +27,18 @@ impl Listener {
     /// Binds `address`. A stale unix socket file left by an earlier run is replaced.
     pub async fn bind(address: &ListenAddress) -> io::Result<Listener> {
         match address {
-            ListenAddress::Tcp(addr) => Ok(Listener::Tcp(TcpListener::bind(addr).await?)),
+            ListenAddress::Tcp(addr) => {
+                // A deeper accept queue than the default 1024, so a burst of new clients (a
+                // pool warming up) is not left half-open while the queue overflows.
+                let socket = if addr.is_ipv4() {
+                    tokio::net::TcpSocket::new_v4()?
+                } else {
+                    tokio::net::TcpSocket::new_v6()?
+                };
+                socket.set_reuseaddr(true)?;
+                socket.bind(*addr)?;
+                Ok(Listener::Tcp(socket.listen(BACKLOG)?))
+            }
             ListenAddress::Unix(path) => {
                 if std::os::unix::net::UnixStream::connect(path).is_err() {
                     let _ = std::fs::remove_file(path);

@@ -120,12 +120,23 @@ impl AsyncWrite for Stream {
     }
 }
 
-/// io::ErrorKind's text ("connection refused") without the OS error number.
+/// io::ErrorKind's text ("connection refused") without the OS error number, unless the kind
+/// says nothing: then the error's own words.
 fn reason(e: &io::Error) -> String {
-    match e.kind() {
-        io::ErrorKind::Other => e.to_string(),
-        kind => kind.to_string(),
+    let kind = e.kind().to_string();
+    if e.kind() == io::ErrorKind::Other || kind.contains("uncategorized") {
+        e.to_string()
+    } else {
+        kind
     }
+}
+
+/// The resolver's own words ("Name or service not known"): the kind is always "uncategorized".
+fn resolve_reason(e: &io::Error) -> String {
+    let text = e.to_string();
+    text.strip_prefix("failed to lookup address information: ")
+        .unwrap_or(&text)
+        .to_owned()
 }
 
 /// Connects to the first address of the upstream that accepts, then runs the TLS handshake
@@ -178,7 +189,7 @@ async fn connect_tcp(target: &HostPort) -> Result<(TcpStream, SocketAddr), Conne
         .await
         .map_err(|e| ConnectError::Resolve {
             address: address.clone(),
-            reason: reason(&e),
+            reason: resolve_reason(&e),
         })?;
     let mut last = None;
     for addr in resolved {

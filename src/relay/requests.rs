@@ -68,7 +68,9 @@ where
             ctx,
             credentials: ctx.credentials.clone(),
             buf,
-            framer: RequestFramer::default(),
+            // Redis's tighter limits for a connection that has not authenticated apply from
+            // the first byte when the client must authenticate.
+            framer: RequestFramer::new(ctx.downstream_password.is_none()),
             filter: Filter::new(ctx.downstream_password.is_some()),
             stream_forwarded: true,
             mid_stream: false,
