@@ -1,0 +1,320 @@
+//! Load on the real binary: ten thousand idle clients beside fifty busy ones, and (ignored by
+//! default) a two-minute soak with connection churn whose RSS and descriptors must come back
+//! to where they were after warm-up.
+//!
+//! File descriptors: 10 000 clients cost the ambassador 20 000 descriptors (client and
+//! upstream), this test process and redis-server 10 000 each. The test raises its own
+//! RLIMIT_NOFILE with `prlimit --pid <own pid>` (util-linux) before starting anything, so the
+//! redis-server and the ambassador it spawns inherit the limit: to 65 536 (soft and hard)
+//! when the process may raise its hard limit (CAP_SYS_RESOURCE), otherwise the soft limit to
+//! the hard one. Where the hard limit is below what 10 000 clients need (a container with a
+//! hard limit of 20 000 and no CAP_SYS_RESOURCE), the ambassador cannot hold them: the test
+//! then runs as many idle clients as its descriptors allow, says so, and fails below 5 000.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use redis_protocol::resp3::types::OwnedFrame;
+use tokio::task::JoinSet;
+
+const IDLE: usize = 10_000;
+const ACTIVE: usize = 50;
+/// Descriptors the ambassador holds besides its sessions (epoll, listeners, pipes), with room.
+const SPARE_FDS: u64 = 64;
+
+/// `Max open files` of a process: (soft, hard).
+fn nofile(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files in /proc/<pid>/limits");
+    let mut numbers = line.split_whitespace().filter_map(|w| {
+        w.parse::<u64>()
+            .ok()
+            .or((w == "unlimited").then_some(u64::MAX))
+    });
+    (numbers.next().unwrap(), numbers.next().unwrap())
+}
+
+/// Raises this process's descriptor limit (inherited by everything it spawns from now on)
+/// and returns how many idle clients fit: the ambassador needs two descriptors per client.
+fn raise_nofile() -> (u64, usize) {
+    let me = std::process::id().to_string();
+    let prlimit = |spec: &str| {
+        Command::new("prlimit")
+            .args(["--pid", &me, &format!("--nofile={spec}")])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let target = 65_536;
+    let (soft, hard) = nofile(std::process::id());
+    if soft < target && !prlimit(&format!("{target}:{}", hard.max(target))) {
+        prlimit(&format!("{hard}:"));
+    }
+    let (soft, _) = nofile(std::process::id());
+    let fits = (soft.saturating_sub(SPARE_FDS) / 2) as usize - ACTIVE;
+    let idle = IDLE.min(fits);
+    assert!(
+        idle >= 5_000,
+        "RLIMIT_NOFILE is {soft}: room for only {idle} idle clients (raise `ulimit -Hn`, run \
+         with CAP_SYS_RESOURCE, or install util-linux's prlimit)"
+    );
+    (soft, idle)
+}
+
+/// `connected_clients` from INFO on a direct connection (which counts itself).
+async fn connected_clients(observer: &mut Raw) -> usize {
+    let OwnedFrame::BlobString { data, .. } = observer.cmd(&["INFO", "clients"]).await else {
+        panic!("INFO answers a bulk string");
+    };
+    String::from_utf8_lossy(&data)
+        .lines()
+        .find_map(|l| l.strip_prefix("connected_clients:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("connected_clients in INFO")
+}
+
+async fn wait_connected(observer: &mut Raw, want: usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let now = connected_clients(observer).await;
+        if now == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Redis has {now} clients, expected {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await; // polling interval
+    }
+}
+
+/// `n` sessions to `addr`, each answering one PING (so it is accepted, connected upstream
+/// and authenticated) and then left idle; at most 256 being opened at a time.
+async fn open_idle(addr: &str, n: usize) -> Vec<Raw> {
+    let mut sessions = Vec::with_capacity(n);
+    let mut pending = JoinSet::new();
+    for _ in 0..n {
+        if pending.len() >= 256 {
+            sessions.push(pending.join_next().await.unwrap().expect("an idle session"));
+        }
+        let addr = addr.to_owned();
+        pending.spawn(async move {
+            let mut c = Raw::connect(&addr).await;
+            assert_eq!(c.cmd(&["PING"]).await, simple("PONG"));
+            c
+        });
+    }
+    while let Some(c) = pending.join_next().await {
+        sessions.push(c.expect("an idle session"));
+    }
+    sessions
+}
+
+/// One busy client: `rounds` SET/GET pairs of its own keys, every reply checked.
+async fn busy(addr: String, id: usize, rounds: usize) {
+    let mut c = Raw::connect(&addr).await;
+    for r in 0..rounds {
+        let key = format!("busy:{id}");
+        let value = format!("{id}-{r}-{}", "v".repeat(r % 64));
+        assert_eq!(c.cmd(&["SET", &key, &value]).await, simple("OK"));
+        assert_eq!(c.cmd(&["GET", &key]).await, bulk(value.as_bytes()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_idle_clients_beside_fifty_busy_ones() {
+    let started = Instant::now();
+    let (limit, idle_clients) = raise_nofile();
+    if idle_clients < IDLE {
+        println!(
+            "RLIMIT_NOFILE is {limit} and cannot be raised: {idle_clients} idle clients, not {IDLE}"
+        );
+    }
+    let server = RedisServer::start_with(ServerAuth::app(), &["--maxclients", "20000"]);
+    let dir = tempfile::tempdir().unwrap();
+    let bin = binary_for(
+        &server,
+        dir.path(),
+        &[
+            ("AMBASSADOR__LISTEN__MAX_CLIENTS", "20000"),
+            ("AMBASSADOR__ADMIN__PROBE_INTERVAL", "1h"),
+        ],
+    );
+    let pid = bin.pid();
+    assert_eq!(
+        nofile(pid).0,
+        limit,
+        "the ambassador inherits the raised limit"
+    );
+    let mut observer = server.direct().await;
+    let mut warm = Raw::connect(&bin.addr).await;
+    assert_eq!(warm.cmd(&["PING"]).await, simple("PONG"));
+    drop(warm);
+    wait_connected(&mut observer, 1, DEADLINE).await;
+    let (rss0, fds0) = (proc_kib(pid, "VmRSS"), fd_count(pid));
+
+    let t = Instant::now();
+    let idle = open_idle(&bin.addr, idle_clients).await;
+    // Every idle client has its own authenticated upstream connection.
+    wait_connected(&mut observer, 1 + idle_clients, DEADLINE * 3).await;
+    let connect_time = t.elapsed();
+    let (rss1, fds1) = (proc_kib(pid, "VmRSS"), fd_count(pid));
+    assert!(
+        fds1 >= fds0 + 2 * idle_clients,
+        "two descriptors per session: {fds0} -> {fds1}"
+    );
+
+    let t = Instant::now();
+    let mut active = JoinSet::new();
+    for id in 0..ACTIVE {
+        active.spawn(busy(bin.addr.clone(), id, 200));
+    }
+    while let Some(done) = active.join_next().await {
+        done.expect("every busy client's replies were right");
+    }
+    let active_time = t.elapsed();
+
+    // The idle sessions are live, not just accepted: a sample of them answers.
+    for mut c in idle.into_iter().step_by(idle_clients / 100) {
+        assert_eq!(c.cmd(&["PING"]).await, simple("PONG"));
+    }
+    let per_client = (rss1.saturating_sub(rss0)) * 1024 / idle_clients as u64;
+    println!(
+        "RLIMIT_NOFILE {limit}; {idle_clients} idle clients connected and authenticated in {connect_time:?}; \
+         {ACTIVE} busy clients x 200 SET/GET in {active_time:?}; ambassador RSS {rss0} -> {rss1} KiB, \
+         {per_client} bytes per idle client; descriptors {fds0} -> {fds1}; total {:?}",
+        started.elapsed()
+    );
+    assert!(
+        per_client < 32 * 1024,
+        "{per_client} bytes of RSS per idle client"
+    );
+
+    // Everything closed: the ambassador gives back every descriptor.
+    wait_connected(&mut observer, 1, DEADLINE * 3).await;
+    wait_until(
+        "the ambassador's descriptors back to the baseline",
+        DEADLINE,
+        || async { fd_count(pid) == fds0 },
+    )
+    .await;
+}
+
+/// About two minutes of mixed traffic with connection churn; RSS and descriptors at the end
+/// must be within a small margin of where they were after warm-up. Not part of the normal
+/// run: `cargo test --release --test load -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "two-minute soak: cargo test --release --test load -- --ignored"]
+async fn two_minute_soak_with_churn_returns_to_its_warm_level() {
+    let server = RedisServer::start(ServerAuth::app());
+    let dir = tempfile::tempdir().unwrap();
+    let bin = binary_for(
+        &server,
+        dir.path(),
+        &[("AMBASSADOR__ADMIN__PROBE_INTERVAL", "1h")],
+    );
+    let pid = bin.pid();
+    let mut observer = server.direct().await;
+
+    let warm = soak_phase(&bin.addr, Duration::from_secs(15)).await;
+    wait_connected(&mut observer, 1, DEADLINE).await;
+    let (rss1, fds1) = (proc_kib(pid, "VmRSS"), fd_count(pid));
+    let main = soak_phase(&bin.addr, Duration::from_secs(105)).await;
+    wait_connected(&mut observer, 1, DEADLINE).await;
+    wait_until("descriptors back to the warm level", DEADLINE, || async {
+        fd_count(pid) <= fds1
+    })
+    .await;
+    let (rss2, fds2) = (proc_kib(pid, "VmRSS"), fd_count(pid));
+    println!(
+        "soak: warm-up {warm:?}, main {main:?}; RSS {rss1} -> {rss2} KiB, descriptors {fds1} -> {fds2}"
+    );
+    assert_eq!(fds2, fds1, "descriptors leaked");
+    let margin = (rss1 / 10).max(4 * 1024);
+    assert!(rss2 <= rss1 + margin, "RSS grew from {rss1} to {rss2} KiB");
+}
+
+/// Counts of what a soak phase did.
+#[derive(Debug, Default)]
+struct Soaked {
+    connections: u64,
+    commands: u64,
+}
+
+/// Sixteen workers for `length`: each opens a connection, runs a random mix (SET/GET, INCR,
+/// pipelines, MULTI/EXEC, a 256 KiB value, AUTH), and closes after a random number of rounds.
+async fn soak_phase(addr: &str, length: Duration) -> Soaked {
+    let until = Instant::now() + length;
+    let mut workers = JoinSet::new();
+    for w in 0..16u64 {
+        let addr = addr.to_owned();
+        workers.spawn(async move {
+            let mut seed = 0x2545_f491_4f6c_dd1d ^ (w + 1);
+            let mut next = move || {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed
+            };
+            let mut done = Soaked::default();
+            let big = "b".repeat(256 * 1024);
+            while Instant::now() < until {
+                let mut c = Raw::connect(&addr).await;
+                done.connections += 1;
+                for round in 0..1 + next() % 50 {
+                    let key = format!("soak:{w}");
+                    match next() % 6 {
+                        0 => {
+                            let v = format!("{round}");
+                            assert_eq!(c.cmd(&["SET", &key, &v]).await, simple("OK"));
+                            assert_eq!(c.cmd(&["GET", &key]).await, bulk(v.as_bytes()));
+                        }
+                        1 => {
+                            let OwnedFrame::Number { .. } = c.cmd(&["INCR", "soak:n"]).await else {
+                                panic!("INCR answers a number");
+                            };
+                        }
+                        2 => {
+                            let mut batch = Vec::new();
+                            for _ in 0..20 {
+                                batch.extend(command(&["PING"]));
+                            }
+                            c.send(&batch).await;
+                            for _ in 0..20 {
+                                assert_eq!(c.reply().await, simple("PONG"));
+                            }
+                        }
+                        3 => {
+                            assert_eq!(c.cmd(&["MULTI"]).await, simple("OK"));
+                            assert_eq!(c.cmd(&["SET", &key, "m"]).await, simple("QUEUED"));
+                            assert!(matches!(c.cmd(&["EXEC"]).await, OwnedFrame::Array { .. }));
+                        }
+                        4 => {
+                            assert_eq!(c.cmd(&["SET", &key, &big]).await, simple("OK"));
+                            assert_eq!(c.cmd(&["STRLEN", &key]).await, int(big.len() as i64));
+                        }
+                        _ => {
+                            assert_eq!(c.cmd(&["AUTH", "x", "y"]).await, simple("OK"));
+                            assert_eq!(c.cmd(&["ACL", "WHOAMI"]).await, bulk(USER.as_bytes()));
+                        }
+                    }
+                    done.commands += 1;
+                }
+            }
+            done
+        });
+    }
+    let mut total = Soaked::default();
+    while let Some(w) = workers.join_next().await {
+        let w = w.expect("every soak reply was right");
+        total.connections += w.connections;
+        total.commands += w.commands;
+    }
+    total
+}
