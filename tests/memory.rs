@@ -10,12 +10,7 @@ const VALUE: usize = 256 * 1024 * 1024;
 const ALLOWED_GROWTH_KIB: u64 = 16 * 1024;
 
 fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM in /proc/pid/status")
+    proc_kib(pid, "VmHWM")
 }
 
 #[tokio::test]

@@ -1,0 +1,138 @@
+//! The ambassador in-process on an ephemeral port, configured from profile text as data,
+//! and a minimal HTTP client for its admin endpoint.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use redis_ambassador::config::{Config, ConfigErrors, LoadOptions};
+use redis_ambassador::Listener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+use super::*;
+
+/// `[section]` TOML for a profile pointing at `server`, plus `extra` lines appended.
+pub fn profile_for(server: &RedisServer, dir: &Path, extra: &str) -> String {
+    let creds = server.credential_file(dir);
+    format!(
+        "[listen]\naddress = \"127.0.0.1:0\"\n\n[upstream]\naddress = \"{}\"\n\n[credentials]\nfile = \"{}\"\n{extra}",
+        server.addr(),
+        creds.display()
+    )
+}
+
+/// Loads a config from profile text, as data (no process environment).
+pub fn load_config(dir: &Path, profile_text: &str) -> Config {
+    try_load_config(dir, profile_text).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Loads a config from profile text, returning the errors if it is invalid.
+pub fn try_load_config(dir: &Path, profile_text: &str) -> Result<Config, ConfigErrors> {
+    std::fs::write(dir.join("test.toml"), profile_text).unwrap();
+    Config::load(&LoadOptions {
+        profile: Some("test".into()),
+        config_dir: dir.to_owned(),
+        ..Default::default()
+    })
+}
+
+/// The ambassador running in-process on an ephemeral port; stopped on drop.
+pub struct Ambassador {
+    pub addr: SocketAddr,
+    /// The admin endpoint (`/healthz`, `/readyz`, `/metrics`).
+    pub admin: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Ambassador {
+    /// An ambassador for `server` with extra profile lines.
+    pub async fn start(server: &RedisServer, extra: &str) -> Ambassador {
+        let dir = tempfile::tempdir().unwrap();
+        let config = load_config(dir.path(), &profile_for(server, dir.path(), extra));
+        Self::with_config(config, dir).await
+    }
+
+    pub async fn with_config(config: Config, dir: tempfile::TempDir) -> Ambassador {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_addr = admin.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(redis_ambassador::run(
+            config,
+            Listener::Tcp(listener),
+            Some(admin),
+            async {
+                let _ = rx.await;
+            },
+        ));
+        Ambassador {
+            addr,
+            admin: admin_addr,
+            stop: Some(tx),
+            task: Some(task),
+            dir,
+        }
+    }
+
+    pub async fn connect(&self) -> Raw {
+        Raw::connect(&self.addr.to_string()).await
+    }
+
+    /// `GET path` on the admin endpoint: the status code and the body.
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        http_get(&self.admin.to_string(), path).await
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
+
+    /// Stops accepting and waits for the drain to finish.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(DEADLINE * 4, task).await;
+        }
+    }
+}
+
+impl Drop for Ambassador {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// A minimal HTTP/1.0 GET, enough for the admin endpoint: the status code and the body.
+pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = tokio::time::timeout(DEADLINE, TcpStream::connect(addr))
+        .await
+        .expect("admin connect timed out")
+        .expect("admin connect");
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut reply))
+        .await
+        .expect("admin reply timed out")
+        .unwrap();
+    let text = String::from_utf8_lossy(&reply).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}

@@ -1,0 +1,135 @@
+//! The real binary as a child process, its listening address read from its log.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::*;
+
+/// The real binary, started with `args` and `env`; its stderr is scanned for the listening
+/// address. Killed on drop.
+pub struct Binary {
+    pub child: Child,
+    pub addr: String,
+    /// The admin endpoint's address, or "off".
+    pub admin: String,
+    /// The stderr lines before the 'listening' line.
+    pub startup_lines: Vec<String>,
+    pub stderr_lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Binary {
+    pub fn start(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Binary {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_redis-ambassador"))
+            .current_dir(cwd)
+            .args(args)
+            .env_remove("AMBASSADOR_PROFILE")
+            .env_remove("AMBASSADOR_CONFIG_DIR")
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn redis-ambassador");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        // Owned from here on, so a failed wait below still kills the process on drop.
+        let mut bin = Binary {
+            child,
+            addr: String::new(),
+            admin: String::new(),
+            startup_lines: Vec::new(),
+            stderr_lines: rx,
+        };
+        let deadline = Instant::now() + DEADLINE;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = bin.stderr_lines.recv_timeout(left).unwrap_or_else(|_| {
+                panic!("no 'listening' line; stderr so far:\n{}", seen.join("\n"))
+            });
+            if let Some(rest) = line.split("listening address=").nth(1) {
+                bin.addr = rest.split_whitespace().next().unwrap().to_owned();
+                let admin = line
+                    .split(" admin=")
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next());
+                bin.admin = admin.unwrap_or("off").to_owned();
+                bin.startup_lines = seen;
+                return bin;
+            }
+            if line.contains(r#""message":"listening""#) {
+                let field = |name: &str| {
+                    let key = format!(r#""{name}":""#);
+                    line.split(&key)
+                        .nth(1)
+                        .and_then(|r| r.split('"').next())
+                        .map(str::to_owned)
+                };
+                bin.addr = field("address").expect("address in the JSON listening line");
+                bin.admin = field("admin").unwrap_or_else(|| "off".into());
+                bin.startup_lines = seen;
+                return bin;
+            }
+            seen.push(line);
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal to the process (which this test started).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit, within the deadline.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the process did not exit");
+            std::thread::sleep(Duration::from_millis(20)); // polling interval
+        }
+    }
+
+    /// Everything the process wrote to stderr after the listening line, up to its end: call
+    /// after it exited (the reader stops at end of file).
+    pub fn stderr_to_end(&self) -> String {
+        let deadline = Instant::now() + DEADLINE;
+        let mut lines = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr_lines.recv_timeout(left) {
+                Ok(line) => lines.push(line),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return lines.join("\n"),
+                Err(e) => panic!("stderr did not end: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// Observation helpers for the hostile-input, fault and load tests: what a process holds, what
+// Redis sees, and a poll with a limit.

@@ -1,0 +1,95 @@
+//! What tests read about processes they started: memory, fds, signals; and polling helpers.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use redis_protocol::resp3::types::OwnedFrame;
+
+use super::*;
+
+/// A `kB` field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`), in KiB.
+pub fn proc_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+}
+
+/// How many file descriptors a process has open.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}"))
+        .count()
+}
+
+/// Polls `f` until it holds, failing after `limit`.
+pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await; // polling interval, not synchronisation
+    }
+}
+
+/// The connections Redis has open, from `CLIENT LIST` on `observer` (which counts itself).
+pub async fn client_count(observer: &mut Raw) -> usize {
+    match observer.cmd(&["CLIENT", "LIST"]).await {
+        OwnedFrame::BlobString { data, .. } | OwnedFrame::VerbatimString { data, .. } => {
+            String::from_utf8_lossy(&data).lines().count()
+        }
+        other => panic!("CLIENT LIST answered {other:?}"),
+    }
+}
+
+/// Sends a signal to a process the test started (a redis-server, the binary), by PID.
+pub fn send_signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{name} {pid} failed");
+}
+
+/// The real binary in one-shot mode in front of `server`, with `env` layered on top
+/// (`AMBASSADOR__SECTION__KEY`, given to the child only).
+pub fn binary_for(server: &RedisServer, dir: &Path, env: &[(&str, &str)]) -> Binary {
+    let creds = server.credential_file(dir);
+    let addr = server.addr();
+    Binary::start(
+        dir,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &addr,
+            "--credentials-file",
+            creds.to_str().unwrap(),
+        ],
+        env,
+    )
+}
+
+/// Polls `CLIENT LIST` on `observer` until Redis has `want` connections (the observer
+/// included), failing after the deadline with `what`.
+pub async fn wait_for_clients(observer: &mut Raw, want: usize, what: &str) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let now = client_count(observer).await;
+        if now == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Redis has {now} connections, not {want}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await; // polling interval
+    }
+}

@@ -1,0 +1,182 @@
+//! A raw RESP connection with a deadline on every read, and shorthands for frames.
+
+use std::time::Instant;
+
+use redis_protocol::resp3::decode::complete::decode as decode3;
+use redis_protocol::resp3::types::OwnedFrame;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::*;
+
+/// Encodes a command as a RESP array of bulk strings.
+pub fn command(args: &[&str]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        out.extend(format!("${}\r\n{a}\r\n", a.len()).into_bytes());
+    }
+    out
+}
+
+/// A raw RESP connection with deadlines on every read.
+pub struct Raw {
+    pub stream: TcpStream,
+    pub buf: Vec<u8>,
+}
+
+impl Raw {
+    pub async fn connect(addr: &str) -> Raw {
+        let stream = tokio::time::timeout(DEADLINE, TcpStream::connect(addr))
+            .await
+            .expect("connect timed out")
+            .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        stream.set_nodelay(true).unwrap();
+        Raw {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("send");
+    }
+
+    pub async fn cmd(&mut self, args: &[&str]) -> OwnedFrame {
+        self.send(&command(args)).await;
+        self.reply().await
+    }
+
+    /// The next complete frame (RESP2 or RESP3), within the deadline.
+    pub async fn reply(&mut self) -> OwnedFrame {
+        self.try_reply()
+            .await
+            .expect("connection closed before a reply")
+    }
+
+    /// The next frame, or `None` if the connection closed first.
+    pub async fn try_reply(&mut self) -> Option<OwnedFrame> {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some((frame, used)) = decode_any(&self.buf) {
+                self.buf.drain(..used);
+                return Some(frame);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut chunk = vec![0u8; 64 * 1024];
+            let n = tokio::time::timeout(left, self.stream.read(&mut chunk))
+                .await
+                .expect("timed out waiting for a reply")
+                .unwrap_or(0);
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Reads exactly `n` raw bytes.
+    pub async fn read_bytes(&mut self, n: usize) -> Vec<u8> {
+        let deadline = Instant::now() + DEADLINE;
+        while self.buf.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut chunk = vec![0u8; 64 * 1024];
+            let got = tokio::time::timeout(left, self.stream.read(&mut chunk))
+                .await
+                .expect("timed out reading bytes")
+                .expect("read");
+            assert!(
+                got > 0,
+                "closed after {} of {n} bytes: {:?}",
+                self.buf.len(),
+                String::from_utf8_lossy(&self.buf)
+            );
+            self.buf.extend_from_slice(&chunk[..got]);
+        }
+        self.buf.drain(..n).collect()
+    }
+
+    /// Waits for the peer to close, returning whatever arrived before.
+    pub async fn read_to_close(&mut self) -> Vec<u8> {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut chunk = vec![0u8; 64 * 1024];
+            match tokio::time::timeout(left, self.stream.read(&mut chunk))
+                .await
+                .expect("timed out waiting for close")
+            {
+                Ok(0) | Err(_) => return std::mem::take(&mut self.buf),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+}
+
+/// Decodes one RESP2 or RESP3 frame. redis-protocol's RESP3 decoder reads RESP2's `$-1` and
+/// `*-1` nulls as the start of a streamed frame, so RESP2 is tried first and converted.
+pub fn decode_any(buf: &[u8]) -> Option<(OwnedFrame, usize)> {
+    use redis_protocol::resp2::decode::decode as decode2;
+    use redis_protocol::resp2::types::OwnedFrame as F2;
+    fn convert(f: F2) -> OwnedFrame {
+        match f {
+            F2::SimpleString(data) => OwnedFrame::SimpleString {
+                data,
+                attributes: None,
+            },
+            F2::Error(data) => OwnedFrame::SimpleError {
+                data,
+                attributes: None,
+            },
+            F2::Integer(data) => OwnedFrame::Number {
+                data,
+                attributes: None,
+            },
+            F2::BulkString(data) => OwnedFrame::BlobString {
+                data,
+                attributes: None,
+            },
+            F2::Array(items) => OwnedFrame::Array {
+                data: items.into_iter().map(convert).collect(),
+                attributes: None,
+            },
+            F2::Null => OwnedFrame::Null,
+        }
+    }
+    match decode2(buf) {
+        Ok(Some((frame, used))) => Some((convert(frame), used)),
+        // Incomplete as RESP2: complete only if it is RESP3 that RESP2 cannot tell yet.
+        Ok(None) => decode3(buf).ok().flatten(),
+        // A RESP3-only type somewhere in it.
+        Err(_) => decode3(buf).expect("valid RESP from the server"),
+    }
+}
+
+/// Shorthands for expected frames.
+pub fn simple(s: &str) -> OwnedFrame {
+    OwnedFrame::SimpleString {
+        data: s.as_bytes().to_vec(),
+        attributes: None,
+    }
+}
+
+pub fn bulk(s: &[u8]) -> OwnedFrame {
+    OwnedFrame::BlobString {
+        data: s.to_vec(),
+        attributes: None,
+    }
+}
+
+pub fn int(i: i64) -> OwnedFrame {
+    OwnedFrame::Number {
+        data: i,
+        attributes: None,
+    }
+}
+
+/// The text of an error frame, panicking on anything else.
+pub fn error_text(f: &OwnedFrame) -> String {
+    match f {
+        OwnedFrame::SimpleError { data, .. } => data.clone(),
+        other => panic!("expected an error, got {other:?}"),
+    }
+}

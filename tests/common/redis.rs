@@ -1,0 +1,231 @@
+//! Real redis-server processes: ACL users or requirepass, optionally TLS, on ephemeral
+//! loopback ports, ready when an authenticated PING answers, killed on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use redis_protocol::resp3::types::OwnedFrame;
+
+use super::*;
+
+/// How a test server authenticates its clients.
+#[derive(Debug, Clone)]
+pub enum ServerAuth {
+    /// The default user is off; `user` with `password` may do everything.
+    AclUser { user: String, password: String },
+    /// Legacy `requirepass`: `AUTH <password>` only.
+    RequirePass(String),
+}
+
+impl ServerAuth {
+    pub fn app() -> Self {
+        ServerAuth::AclUser {
+            user: USER.into(),
+            password: PASSWORD.into(),
+        }
+    }
+
+    /// The AUTH command a direct client sends.
+    pub fn auth_command(&self) -> Vec<u8> {
+        match self {
+            ServerAuth::AclUser { user, password } => command(&["AUTH", user, password]),
+            ServerAuth::RequirePass(p) => command(&["AUTH", p]),
+        }
+    }
+
+    /// A credential file body for the ambassador.
+    pub fn credential_file(&self) -> String {
+        match self {
+            ServerAuth::AclUser { user, password } => {
+                format!("username = \"{user}\"\npassword = \"{password}\"\n")
+            }
+            ServerAuth::RequirePass(p) => format!("{p}\n"),
+        }
+    }
+}
+
+/// A real redis-server in a temp dir, killed on drop.
+pub struct RedisServer {
+    /// The plain port: readiness and direct connections.
+    pub port: u16,
+    /// The TLS port, when started with [`RedisServer::start_tls`].
+    pub tls_port: Option<u16>,
+    pub auth: ServerAuth,
+    pub dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl RedisServer {
+    pub fn start(auth: ServerAuth) -> RedisServer {
+        Self::start_with(auth, &[])
+    }
+
+    pub fn start_with(auth: ServerAuth, extra: &[&str]) -> RedisServer {
+        Self::launch(auth, extra, false)
+    }
+
+    /// A server that also listens with TLS on `tls_port`, presenting `tls.cert`. Readiness
+    /// is still checked on the plain port: redis-server opens every listener before it
+    /// answers, and exits if one fails.
+    pub fn start_tls(auth: ServerAuth, tls: &ServerTls) -> RedisServer {
+        Self::start_tls_with(auth, tls, &[])
+    }
+
+    /// [`start_tls`](Self::start_tls) with more server arguments.
+    pub fn start_tls_with(auth: ServerAuth, tls: &ServerTls, extra: &[&str]) -> RedisServer {
+        let mut args: Vec<String> = vec![
+            "--tls-cert-file".into(),
+            tls.cert.display().to_string(),
+            "--tls-key-file".into(),
+            tls.key.display().to_string(),
+            "--tls-ca-cert-file".into(),
+            tls.ca.display().to_string(),
+            "--tls-auth-clients".into(),
+            (if tls.require_client_cert { "yes" } else { "no" }).into(),
+            "--tls-protocols".into(),
+            tls.protocols.into(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::launch(auth, &args, true)
+    }
+
+    fn launch(auth: ServerAuth, extra: &[&str], tls: bool) -> RedisServer {
+        let binary = require("redis-server");
+        let mut dir = tempfile::tempdir().expect("temp dir");
+        let mut last_log = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let tls_port = tls.then(free_port);
+            let mut args: Vec<String> = vec![
+                "--port".into(),
+                port.to_string(),
+                "--bind".into(),
+                "127.0.0.1".into(),
+                "--save".into(),
+                "".into(),
+                "--appendonly".into(),
+                "no".into(),
+                "--dir".into(),
+                dir.path().display().to_string(),
+                "--logfile".into(),
+                "redis.log".into(),
+            ];
+            match &auth {
+                ServerAuth::AclUser { user, password } => {
+                    let acl = dir.path().join("users.acl");
+                    std::fs::write(
+                        &acl,
+                        format!("user default off\nuser {user} on >{password} ~* &* +@all\n"),
+                    )
+                    .unwrap();
+                    args.extend(["--aclfile".into(), acl.display().to_string()]);
+                }
+                ServerAuth::RequirePass(p) => args.extend(["--requirepass".into(), p.clone()]),
+            }
+            if let Some(p) = tls_port {
+                args.extend(["--tls-port".into(), p.to_string()]);
+            }
+            args.extend(extra.iter().map(|s| s.to_string()));
+            let child = Command::new(&binary)
+                .args(&args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn redis-server");
+            let mut server = RedisServer {
+                port,
+                tls_port,
+                auth: auth.clone(),
+                dir,
+                child,
+            };
+            if server.wait_ready() {
+                return server;
+            }
+            last_log =
+                std::fs::read_to_string(server.dir.path().join("redis.log")).unwrap_or_default();
+            let _ = server.child.kill();
+            let _ = server.child.wait();
+            dir = server.take_dir();
+        }
+        panic!("redis-server did not start; last log:\n{last_log}");
+    }
+
+    fn take_dir(&mut self) -> tempfile::TempDir {
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
+    }
+
+    /// Ready when an authenticated PING answers PONG.
+    fn wait_ready(&mut self) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < DEADLINE {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                use std::io::{Read, Write};
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut req = self.auth.auth_command();
+                req.extend(command(&["PING"]));
+                if s.write_all(&req).is_ok() {
+                    let mut got = Vec::new();
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = s.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        got.extend_from_slice(&buf[..n]);
+                        if got.ends_with(b"+PONG\r\n") {
+                            return true;
+                        }
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20)); // polling interval, not synchronisation
+        }
+        false
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `host:port` of the TLS listener.
+    pub fn tls_addr(&self, host: &str) -> String {
+        format!("{host}:{}", self.tls_port.expect("started with TLS"))
+    }
+
+    /// A direct, authenticated raw connection.
+    pub async fn direct(&self) -> Raw {
+        let mut raw = Raw::connect(&self.addr()).await;
+        raw.send(&self.auth.auth_command()).await;
+        assert_eq!(
+            raw.reply().await,
+            OwnedFrame::SimpleString {
+                data: b"OK".to_vec(),
+                attributes: None
+            }
+        );
+        raw
+    }
+
+    /// Writes the credential file for this server into `dir`.
+    pub fn credential_file(&self, dir: &Path) -> PathBuf {
+        let path = dir.join("redis-credentials");
+        std::fs::write(&path, self.auth.credential_file()).unwrap();
+        path
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
