@@ -135,18 +135,23 @@ async fn quit_replies_then_closes() {
     assert_eq!(c.read_to_close().await, b"+OK\r\n");
 }
 
-#[tokio::test]
-async fn downstream_password_gates_every_command() {
-    let server = RedisServer::start(ServerAuth::app());
+/// An ambassador whose clients must `AUTH client-pass-55` first.
+async fn with_downstream_password(server: &RedisServer) -> Ambassador {
     let dir = tempfile::tempdir().unwrap();
     let pw = dir.path().join("client-password");
     std::fs::write(&pw, "client-pass-55\n").unwrap();
-    let profile = profile_for(&server, dir.path(), "").replace(
+    let profile = profile_for(server, dir.path(), "").replace(
         "[upstream]",
         &format!("require_password_file = \"{}\"\n\n[upstream]", pw.display()),
     );
     let config = load_config(dir.path(), &profile);
-    let amb = Ambassador::with_config(config, dir).await;
+    Ambassador::with_config(config, dir).await
+}
+
+#[tokio::test]
+async fn downstream_password_gates_every_command() {
+    let server = RedisServer::start(ServerAuth::app());
+    let amb = with_downstream_password(&server).await;
 
     let mut monitor = server.direct().await;
     assert_eq!(monitor.cmd(&["MONITOR"]).await, simple("OK"));
@@ -302,5 +307,49 @@ async fn max_clients_refuses_the_extra_client_only() {
                 "slot never freed: {other:?}"
             ),
         }
+    }
+}
+
+/// Found by the fuzzer: before AUTH, Redis's tight limits hold from the first byte, and a
+/// command that never completes gets no -NOAUTH, only Redis's protocol error.
+#[tokio::test]
+async fn unauthenticated_limits_hold_whatever_the_reads() {
+    let server = RedisServer::start(ServerAuth::app());
+    let amb = with_downstream_password(&server).await;
+    let mut c = amb.connect().await;
+    // Two writes, which may or may not be one read: the answer must not depend on it.
+    c.send(b"*2\r\n$3\r\nGET\r\n").await;
+    c.send(b"$16385\r\n").await;
+    assert_eq!(
+        c.read_to_close().await,
+        b"-ERR Protocol error: unauthenticated bulk length\r\n"
+    );
+    let mut d = amb.connect().await;
+    d.send(b"*11\r\n").await;
+    assert_eq!(
+        d.read_to_close().await,
+        b"-ERR Protocol error: unauthenticated multibulk length\r\n"
+    );
+}
+
+/// Found by the fuzzer: an AUTH longer than the ambassador holds is refused the same way
+/// whether it arrives in one read or several.
+#[tokio::test]
+async fn an_oversized_auth_is_refused_however_it_arrives() {
+    let server = RedisServer::start(ServerAuth::app());
+    let amb = Ambassador::start(&server, "").await;
+    let mut auth = b"*2\r\n$4\r\nAUTH\r\n$70144\r\n".to_vec();
+    auth.extend(std::iter::repeat_n(b'a', 70144));
+    auth.extend(b"\r\n");
+    for split in [auth.len(), 66000, 30] {
+        let mut c = amb.connect().await;
+        c.send(&auth[..split]).await;
+        c.send(&auth[split..]).await;
+        let got = c.read_to_close().await;
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            "-ERR ambassador: command longer than 65536 bytes\r\n",
+            "split at {split}"
+        );
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::{drain, io_err, Activity, Close, Context, Expect, RelayError, CHUNK};
 use crate::credentials::{Credentials, SecretBytes};
@@ -20,7 +20,7 @@ pub(super) struct Requests<'c, R, W> {
     upstream: W,
     tx: mpsc::UnboundedSender<Expect>,
     ctx: &'c Context,
-    credentials: tokio::sync::watch::Receiver<Arc<Credentials>>,
+    credentials: watch::Receiver<Arc<Credentials>>,
     buf: BytesMut,
     framer: RequestFramer,
     filter: Filter,
@@ -28,6 +28,8 @@ pub(super) struct Requests<'c, R, W> {
     stream_forwarded: bool,
     /// A command is being streamed: nothing of ours may go upstream until it ends.
     mid_stream: bool,
+    /// The local answer to the command being streamed, given once it is whole.
+    stream_answer: Option<&'static [u8]>,
     /// Replies can be counted (no pub/sub, MONITOR, CLIENT REPLY since the last RESET).
     tracked: bool,
     /// The credentials changed and this session has not re-authenticated yet.
@@ -74,6 +76,7 @@ where
             filter: Filter::new(ctx.downstream_password.is_some()),
             stream_forwarded: true,
             mid_stream: false,
+            stream_answer: None,
             tracked: true,
             reauth_due: false,
             read,
@@ -147,11 +150,17 @@ where
                         .filter
                         .decide(&cmd, |p| password.is_some_and(|d| d.matches(p)));
                     // Rewrites are encoded now, while the arguments they keep are borrowed.
-                    let step = Step::from_action(action, &self.credentials.borrow());
+                    let mut step = Step::from_action(action, &self.credentials);
                     self.framer.authenticated = self.filter.authenticated;
                     if matches!(event, Request::StreamStart { .. }) {
                         self.stream_forwarded = matches!(step, Step::Forward(_));
                         self.mid_stream = true;
+                        // Redis answers a command only once it is whole: a local answer to a
+                        // streamed one waits for its end (a protocol error may come first).
+                        if let Step::Answer(reply) = step {
+                            self.stream_answer = Some(reply);
+                            step = Step::Drop;
+                        }
                     }
                     if let Some(end) = self.act(&mut b, step, len).await? {
                         break Some(end);
@@ -163,6 +172,10 @@ where
                         b.done += len;
                     } else {
                         self.skip(&mut b, len).await?;
+                    }
+                    if let Some(reply) = self.stream_answer.take_if(|_| !self.mid_stream) {
+                        self.expect_run(&mut b);
+                        self.expect(Expect::Local(reply));
                     }
                 }
             }
@@ -353,11 +366,13 @@ enum Step {
 }
 
 impl Step {
-    fn from_action(action: Action<'_>, credentials: &Credentials) -> Step {
+    fn from_action(action: Action<'_>, credentials: &watch::Receiver<Arc<Credentials>>) -> Step {
         match action {
             Action::Forward(r) => Step::Forward(r),
-            Action::Auth(r) => Step::Replace(credentials.auth_command(), r),
-            Action::Hello(parts, r) => Step::Replace(hello_command(&parts, credentials), r),
+            Action::Auth(r) => Step::Replace(credentials.borrow().auth_command(), r),
+            Action::Hello(parts, r) => {
+                Step::Replace(hello_command(&parts, &credentials.borrow()), r)
+            }
             Action::Reset { replied } => Step::Reset { replied },
             Action::Drop => Step::Drop,
             Action::Quit => Step::Quit,

@@ -316,6 +316,12 @@ impl RequestFramer {
                         return Err(ProtocolError::UnauthenticatedBulkLength);
                     }
                     self.pos = line_end + 2;
+                    // A command held whole is refused as soon as its declared size passes the
+                    // bound: the decision depends on its bytes, never on how reads split them.
+                    let held = self.seen >= 1 && !self.streaming;
+                    if held && self.pos as u64 + n as u64 + 2 > INSPECT_MAX as u64 {
+                        return Err(ProtocolError::TooLongToInspect);
+                    }
                     if self.args.len() < HEAD_ARGS || !self.streaming {
                         self.args.push((self.pos, n as usize));
                     }
@@ -398,7 +404,7 @@ impl RequestFramer {
     }
 
     /// Not enough bytes for the current command: hand out what can already be forwarded, or
-    /// keep holding a command the filter must see whole, within [`INSPECT_MAX`].
+    /// keep holding a command the filter must see whole.
     fn incomplete(
         &mut self,
         buf: &[u8],
@@ -407,9 +413,9 @@ impl RequestFramer {
         if !self.streaming {
             if self.seen >= 1 && !whole(self.name(buf)) {
                 self.streaming = true;
-            } else if buf.len() > INSPECT_MAX {
-                return Err(ProtocolError::TooLongToInspect);
             } else {
+                // Held: bounded by the declared sizes (checked at each header, below) and by
+                // INLINE_MAX for a header line still arriving.
                 return Ok(Request::Incomplete);
             }
         }
@@ -516,6 +522,49 @@ mod tests {
             ProtocolError::ExpectedDollar(b'\r').reply(),
             b"-ERR Protocol error: expected '$', got ' '\r\n"
         );
+    }
+
+    /// Feeds `input` in two reads split at `at`; the first error, if any.
+    fn first_error(input: &[u8], at: usize) -> Option<ProtocolError> {
+        let mut f = RequestFramer::default();
+        let mut buf = Vec::new();
+        for chunk in [&input[..at], &input[at..]] {
+            buf.extend_from_slice(chunk);
+            loop {
+                match f.next(&buf, |n| n.eq_ignore_ascii_case(b"auth")) {
+                    Err(e) => return Some(e),
+                    Ok(Request::Incomplete) => break,
+                    Ok(event) => drop(buf.drain(..event.len())),
+                }
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn limits_do_not_depend_on_how_reads_split_the_bytes() {
+        // A held AUTH longer than INSPECT_MAX: refused at its header, whatever the split.
+        let mut auth = b"*2\r\n$4\r\nAUTH\r\n$70144\r\n".to_vec();
+        auth.extend(std::iter::repeat_n(b'a', 70144));
+        auth.extend(b"\r\n");
+        for at in [1, 20, 66000, auth.len()] {
+            assert_eq!(
+                first_error(&auth, at),
+                Some(ProtocolError::TooLongToInspect),
+                "split at {at}"
+            );
+        }
+        // A `$len` line with no CR growing past INLINE_MAX before any name is known: Redis's
+        // error, not the ambassador's bound, whatever the split.
+        let mut long = b"*1\r\n$".to_vec();
+        long.extend(std::iter::repeat_n(b'1', INLINE_MAX));
+        for at in [5, 65538, long.len()] {
+            assert_eq!(
+                first_error(&long, at),
+                Some(ProtocolError::TooBigBulkCount),
+                "split at {at}"
+            );
+        }
     }
 
     #[test]
