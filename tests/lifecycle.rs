@@ -24,14 +24,11 @@ fn profile(dir: &Path, server: &RedisServer, creds: &Path, extra: &str) {
 }
 
 async fn wait_status(admin: &str, path: &str, want: u16) {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        if http_get(admin, path).await.0 == want {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{path} never answered {want}");
-        tokio::time::sleep(Duration::from_millis(25)).await; // polling interval
-    }
+    let what = format!("{path} answering {want}");
+    wait_until(&what, DEADLINE, || async {
+        http_get(admin, path).await.0 == want
+    })
+    .await;
 }
 
 #[tokio::test]

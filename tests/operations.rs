@@ -4,7 +4,6 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use common::*;
 use prometheus_parse::{Scrape, Value};
@@ -27,19 +26,6 @@ async fn metric(amb: &Ambassador, name: &str, label: (&str, &str)) -> Option<f64
             _ => None,
         }
     })
-}
-
-/// Polls until `f` holds, failing after the deadline.
-async fn eventually<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + DEADLINE;
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await; // polling interval, not synchronisation
-    }
 }
 
 /// A Kubernetes-style Secret mount: `redis-credentials -> ..data/redis-credentials`,
@@ -104,7 +90,7 @@ async fn rotation_is_tested_then_applied_to_new_and_open_sessions() {
 
     // A file the upstream refuses is not applied; an empty one is not either.
     mount.swap(&creds("not-accepted-yet"));
-    eventually("the refused reload is counted", || async {
+    wait_until("the refused reload is counted", DEADLINE, || async {
         metric(
             &amb,
             "ambassador_credential_reloads_total",
@@ -115,7 +101,7 @@ async fn rotation_is_tested_then_applied_to_new_and_open_sessions() {
     })
     .await;
     mount.swap("");
-    eventually("the invalid reload is counted", || async {
+    wait_until("the invalid reload is counted", DEADLINE, || async {
         metric(
             &amb,
             "ambassador_credential_reloads_total",
@@ -137,7 +123,7 @@ async fn rotation_is_tested_then_applied_to_new_and_open_sessions() {
         simple("OK")
     );
     mount.swap(&creds("rotated-pass-2"));
-    eventually("the reload is applied", || async {
+    wait_until("the reload is applied", DEADLINE, || async {
         metric(
             &amb,
             "ambassador_credential_reloads_total",
@@ -157,7 +143,7 @@ async fn rotation_is_tested_then_applied_to_new_and_open_sessions() {
         bulk(b"2"),
         "no stray +OK from the injected AUTH"
     );
-    eventually("both open sessions re-authenticated", || async {
+    wait_until("both open sessions re-authenticated", DEADLINE, || async {
         metric(&amb, "ambassador_session_reauth_total", ("result", "ok")).await >= Some(2.0)
     })
     .await;
@@ -186,7 +172,7 @@ async fn readiness_follows_the_upstream_and_metrics_parse() {
     let secret = server.credential_file(secret_dir.path());
     let amb = ambassador_on(&server, &secret, "").await;
     assert_eq!(amb.admin_get("/healthz").await.0, 200);
-    eventually("ready", || async {
+    wait_until("ready", DEADLINE, || async {
         amb.admin_get("/readyz").await.0 == 200
     })
     .await;
@@ -194,7 +180,7 @@ async fn readiness_follows_the_upstream_and_metrics_parse() {
     let mut c = amb.connect().await;
     assert_eq!(c.cmd(&["SET", "k", "hello"]).await, simple("OK"));
     drop(c);
-    eventually("the session's bytes are counted", || async {
+    wait_until("the session's bytes are counted", DEADLINE, || async {
         metric(
             &amb,
             "ambassador_relayed_bytes_total",
@@ -226,7 +212,7 @@ async fn readiness_follows_the_upstream_and_metrics_parse() {
     assert_eq!(target.labels.get("address"), Some(server.addr().as_str()));
 
     drop(server);
-    eventually("not ready once the upstream is gone", || async {
+    wait_until("not ready once the upstream is gone", DEADLINE, || async {
         let (status, body) = amb.admin_get("/readyz").await;
         status == 503 && body.contains("upstream last reached")
     })
@@ -254,7 +240,7 @@ async fn a_profile_expecting_another_upstream_refuses_to_relay() {
     let secret = server.credential_file(secret_dir.path());
     let extra = "[upstream.expect]\nuser = \"prod-app\"\ninfo = { redis_mode = \"standalone\" }\n";
     let amb = ambassador_on(&server, &secret, extra).await;
-    eventually("the mismatch is found", || async {
+    wait_until("the mismatch is found", DEADLINE, || async {
         let (status, body) = amb.admin_get("/readyz").await;
         status == 503 && body.contains("does not match") || body.contains("expected \"prod-app\"")
     })

@@ -261,24 +261,12 @@ async fn no_auth_ever_changes_the_user() {
     assert_eq!(users.iter().filter(|u| **u == USER).count(), 2, "{list}");
 }
 
-/// An ambassador whose clients must `AUTH client-pass-55` first.
-async fn with_client_password(server: &RedisServer) -> Ambassador {
-    let dir = tempfile::tempdir().unwrap();
-    let pw = dir.path().join("client-password");
-    std::fs::write(&pw, "client-pass-55\n").unwrap();
-    let profile = profile_for(server, dir.path(), "").replace(
-        "[upstream]",
-        &format!("require_password_file = \"{}\"\n\n[upstream]", pw.display()),
-    );
-    Ambassador::with_config(load_config(dir.path(), &profile), dir).await
-}
-
 /// Redis's limits before authentication (CVE-2021-32675) hold from a client's first byte:
 /// the error comes at the length line, without the client having to send the value.
 #[tokio::test]
 async fn unauthenticated_limits_apply_from_the_first_command() {
     let server = RedisServer::start(ServerAuth::app());
-    let amb = with_client_password(&server).await;
+    let amb = Ambassador::with_client_password(&server).await;
     for (first, error) in [
         (
             &b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$20000\r\n"[..],
@@ -310,7 +298,7 @@ async fn nothing_reaches_the_upstream_before_the_client_authenticated() {
     let server = server_with_two_users().await;
     let mut monitor = as_admin(&server).await;
     assert!(is_ok(&monitor.cmd(&["MONITOR"]).await));
-    let amb = with_client_password(&server).await;
+    let amb = Ambassador::with_client_password(&server).await;
 
     // Commands, inline and multibulk, wrong passwords, HELLO: all answered locally.
     let mut a = amb.connect().await;
@@ -368,7 +356,7 @@ async fn nothing_reaches_the_upstream_before_the_client_authenticated() {
     // Pipelined: the command before AUTH stays behind, the one after goes through.
     let mut d = amb.connect().await;
     let mut batch = command(&["ECHO", "leak:f"]);
-    batch.extend(command(&["AUTH", "client-pass-55"]));
+    batch.extend(command(&["AUTH", CLIENT_PASSWORD]));
     batch.extend(command(&["ECHO", "marker-after-auth"]));
     d.send(&batch).await;
     assert!(error_text(&d.reply().await).starts_with("NOAUTH"));

@@ -135,23 +135,10 @@ async fn quit_replies_then_closes() {
     assert_eq!(c.read_to_close().await, b"+OK\r\n");
 }
 
-/// An ambassador whose clients must `AUTH client-pass-55` first.
-async fn with_downstream_password(server: &RedisServer) -> Ambassador {
-    let dir = tempfile::tempdir().unwrap();
-    let pw = dir.path().join("client-password");
-    std::fs::write(&pw, "client-pass-55\n").unwrap();
-    let profile = profile_for(server, dir.path(), "").replace(
-        "[upstream]",
-        &format!("require_password_file = \"{}\"\n\n[upstream]", pw.display()),
-    );
-    let config = load_config(dir.path(), &profile);
-    Ambassador::with_config(config, dir).await
-}
-
 #[tokio::test]
 async fn downstream_password_gates_every_command() {
     let server = RedisServer::start(ServerAuth::app());
-    let amb = with_downstream_password(&server).await;
+    let amb = Ambassador::with_client_password(&server).await;
 
     let mut monitor = server.direct().await;
     assert_eq!(monitor.cmd(&["MONITOR"]).await, simple("OK"));
@@ -160,7 +147,7 @@ async fn downstream_password_gates_every_command() {
     let mut batch = command(&["SET", "leaked", "1"]);
     batch.extend(command(&["AUTH", "wrong"]));
     batch.extend(command(&["HELLO", "3"]));
-    batch.extend(command(&["AUTH", "client-pass-55"]));
+    batch.extend(command(&["AUTH", CLIENT_PASSWORD]));
     batch.extend(command(&["ECHO", "marker-after-auth"]));
     batch.extend(command(&["AUTH", "bad-again"]));
     batch.extend(command(&["ACL", "WHOAMI"]));
@@ -315,7 +302,7 @@ async fn max_clients_refuses_the_extra_client_only() {
 #[tokio::test]
 async fn unauthenticated_limits_hold_whatever_the_reads() {
     let server = RedisServer::start(ServerAuth::app());
-    let amb = with_downstream_password(&server).await;
+    let amb = Ambassador::with_client_password(&server).await;
     let mut c = amb.connect().await;
     // Two writes, which may or may not be one read: the answer must not depend on it.
     c.send(b"*2\r\n$3\r\nGET\r\n").await;

@@ -78,6 +78,18 @@ impl Ambassador {
         }
     }
 
+    /// An ambassador for `server` whose clients must first `AUTH` with [`CLIENT_PASSWORD`].
+    pub async fn with_client_password(server: &RedisServer) -> Ambassador {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("client-password");
+        std::fs::write(&pw, format!("{CLIENT_PASSWORD}\n")).unwrap();
+        let profile = profile_for(server, dir.path(), "").replace(
+            "[upstream]",
+            &format!("require_password_file = \"{}\"\n\n[upstream]", pw.display()),
+        );
+        Self::with_config(load_config(dir.path(), &profile), dir).await
+    }
+
     pub async fn connect(&self) -> Raw {
         Raw::connect(&self.addr.to_string()).await
     }

@@ -24,6 +24,8 @@ use std::time::Duration;
 pub const DEADLINE: Duration = Duration::from_secs(10);
 pub const USER: &str = "app";
 pub const PASSWORD: &str = "app-secret-7f3a";
+/// What clients must offer when a test sets `listen.require_password_file`.
+pub const CLIENT_PASSWORD: &str = "client-pass-55";
 
 /// Finds a program or fails with a message that says how to install it.
 pub fn require(program: &str) -> PathBuf {
