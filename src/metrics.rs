@@ -31,6 +31,7 @@ pub struct Metrics {
     pub credential_age: Gauge<f64, AtomicU64>,
     pub upstream_target: Family<Labels, Gauge>,
     pub session_reauth: Family<Labels, Counter>,
+    pub tls_handshakes: Family<Labels, Counter>,
     health: Health,
 }
 
@@ -71,6 +72,7 @@ impl Metrics {
             credential_age: Gauge::default(),
             upstream_target: Family::default(),
             session_reauth: Family::default(),
+            tls_handshakes: Family::default(),
             health: Health {
                 started: Instant::now(),
                 last_ok_ms: AtomicU64::new(0),
@@ -135,6 +137,11 @@ impl Metrics {
             "Open sessions re-authenticated after a credential change, by result",
             m.session_reauth.clone(),
         );
+        r.register(
+            "upstream_tls_handshakes",
+            "TLS handshakes of client sessions' upstream connections, by kind (full or resumed)",
+            m.tls_handshakes.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -181,6 +188,13 @@ impl Metrics {
     pub fn reauth(&self, result: &str) {
         self.session_reauth
             .get_or_create(&labels(&[("result", result)]))
+            .inc();
+    }
+
+    pub fn tls_handshake(&self, resumed: bool) {
+        let kind = if resumed { "resumed" } else { "full" };
+        self.tls_handshakes
+            .get_or_create(&labels(&[("kind", kind)]))
             .inc();
     }
 

@@ -50,6 +50,9 @@ where
             return;
         }
     };
+    if let Some(resumed) = upstream.tls_resumed() {
+        metrics.tls_handshake(resumed);
+    }
     let handshake = handshake::run(
         &mut upstream,
         &current,

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::Resumption;
 use rustls::crypto::{self, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -20,6 +21,7 @@ use thiserror::Error;
 use crate::credentials;
 
 mod failure;
+mod sessions;
 
 pub use failure::{classify, classify_handshake, describe, TlsFailure};
 
@@ -178,16 +180,17 @@ fn client_config(
     } else {
         builder.with_root_certificates(roots)
     };
-    match client_auth {
-        None => Ok(builder.with_no_client_auth()),
-        Some((chain, key)) => {
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| TlsConfigError::KeyMismatch {
+    let mut config =
+        match client_auth {
+            None => builder.with_no_client_auth(),
+            Some((chain, key)) => builder.with_client_auth_cert(chain, key).map_err(|e| {
+                TlsConfigError::KeyMismatch {
                     reason: e.to_string(),
-                })
-        }
-    }
+                }
+            })?,
+        };
+    config.resumption = Resumption::store(Arc::new(sessions::SessionStore::default()));
+    Ok(config)
 }
 
 fn server_name(

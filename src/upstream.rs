@@ -60,6 +60,16 @@ impl Stream {
             Stream::Tls(s) => Some(tls::describe(s.get_ref().1)),
         }
     }
+
+    /// For TLS: whether the handshake resumed an earlier session.
+    pub fn tls_resumed(&self) -> Option<bool> {
+        match self {
+            Stream::Plain(_) => None,
+            Stream::Tls(s) => {
+                Some(s.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed))
+            }
+        }
+    }
 }
 
 impl AsyncRead for Stream {

@@ -6,27 +6,6 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use prometheus_parse::{Scrape, Value};
-
-/// Parses `/metrics` with a real Prometheus text-format parser.
-async fn scrape(amb: &Ambassador) -> Scrape {
-    let (status, body) = amb.admin_get("/metrics").await;
-    assert_eq!(status, 200);
-    Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).expect("valid exposition text")
-}
-
-/// The value of `name` with `label`=`value` (or the only sample when `label` is empty).
-async fn metric(amb: &Ambassador, name: &str, label: (&str, &str)) -> Option<f64> {
-    let scrape = scrape(amb).await;
-    scrape.samples.iter().find_map(|s| {
-        let matches =
-            s.metric == name && (label.0.is_empty() || s.labels.get(label.0) == Some(label.1));
-        match (&s.value, matches) {
-            (Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v), true) => Some(*v),
-            _ => None,
-        }
-    })
-}
 
 /// A Kubernetes-style Secret mount: `redis-credentials -> ..data/redis-credentials`,
 /// `..data -> ..<version>`. `swap` replaces the content the way the kubelet does.
@@ -91,8 +70,7 @@ async fn rotation_is_tested_then_applied_to_new_and_open_sessions() {
     // A file the upstream refuses is not applied; an empty one is not either.
     mount.swap(&creds("not-accepted-yet"));
     wait_until("the refused reload is counted", DEADLINE, || async {
-        metric(
-            &amb,
+        amb.metric(
             "ambassador_credential_reloads_total",
             ("result", "rejected"),
         )
@@ -102,12 +80,8 @@ async fn rotation_is_tested_then_applied_to_new_and_open_sessions() {
     .await;
     mount.swap("");
     wait_until("the invalid reload is counted", DEADLINE, || async {
-        metric(
-            &amb,
-            "ambassador_credential_reloads_total",
-            ("result", "invalid"),
-        )
-        .await
+        amb.metric("ambassador_credential_reloads_total", ("result", "invalid"))
+            .await
             >= Some(1.0)
     })
     .await;
@@ -124,12 +98,8 @@ async fn rotation_is_tested_then_applied_to_new_and_open_sessions() {
     );
     mount.swap(&creds("rotated-pass-2"));
     wait_until("the reload is applied", DEADLINE, || async {
-        metric(
-            &amb,
-            "ambassador_credential_reloads_total",
-            ("result", "applied"),
-        )
-        .await
+        amb.metric("ambassador_credential_reloads_total", ("result", "applied"))
+            .await
             == Some(1.0)
     })
     .await;
@@ -144,7 +114,9 @@ async fn rotation_is_tested_then_applied_to_new_and_open_sessions() {
         "no stray +OK from the injected AUTH"
     );
     wait_until("both open sessions re-authenticated", DEADLINE, || async {
-        metric(&amb, "ambassador_session_reauth_total", ("result", "ok")).await >= Some(2.0)
+        amb.metric("ambassador_session_reauth_total", ("result", "ok"))
+            .await
+            >= Some(2.0)
     })
     .await;
     assert_eq!(
@@ -181,8 +153,7 @@ async fn readiness_follows_the_upstream_and_metrics_parse() {
     assert_eq!(c.cmd(&["SET", "k", "hello"]).await, simple("OK"));
     drop(c);
     wait_until("the session's bytes are counted", DEADLINE, || async {
-        metric(
-            &amb,
+        amb.metric(
             "ambassador_relayed_bytes_total",
             ("direction", "upstream_to_client"),
         )
@@ -190,7 +161,7 @@ async fn readiness_follows_the_upstream_and_metrics_parse() {
             > Some(0.0)
     })
     .await;
-    let scrape = scrape(&amb).await;
+    let scrape = amb.scrape().await;
     let names: Vec<&str> = scrape.samples.iter().map(|s| s.metric.as_str()).collect();
     for expected in [
         "ambassador_clients_active",
@@ -223,8 +194,7 @@ async fn readiness_follows_the_upstream_and_metrics_parse() {
         .await
         .starts_with(b"-ERR ambassador: upstream unavailable"));
     assert!(
-        metric(
-            &amb,
+        amb.metric(
             "ambassador_upstream_connect_failures_total",
             ("reason", "connect")
         )

@@ -67,6 +67,64 @@ async fn ca_file_and_server_name_verify_the_upstream() {
     assert_relays(&amb).await;
 }
 
+/// Upstream TLS handshakes of client sessions of one kind, "full" or "resumed".
+async fn handshakes(amb: &Ambassador, kind: &str) -> f64 {
+    amb.metric("ambassador_upstream_tls_handshakes_total", ("kind", kind))
+        .await
+        .unwrap_or(0.0)
+}
+
+/// Opens `n` clients while the upstream is stopped, so that their `n` TLS handshakes are all
+/// in flight at once, then lets the upstream go on: every client gets its PONG.
+async fn burst(server: &RedisServer, amb: &Ambassador, n: usize) {
+    let port = server.tls_port.expect("a TLS server");
+    send_signal(server.pid(), "STOP");
+    let mut clients = Vec::new();
+    for _ in 0..n {
+        let mut c = amb.connect().await;
+        c.send(&command(&["PING"])).await;
+        clients.push(c);
+    }
+    wait_until(
+        "every ClientHello waits at the stopped server",
+        DEADLINE,
+        || async { waiting_connections(port) >= n },
+    )
+    .await;
+    send_signal(server.pid(), "CONT");
+    for c in &mut clients {
+        assert_eq!(c.reply().await, simple("PONG"));
+    }
+}
+
+/// Clients that open a connection per request (a PHP-FPM pool) come in bursts. After the
+/// first burst, every upstream connection resumes a TLS session: a full handshake makes
+/// single-threaded Redis compute a signature between two commands. (rustls' default store
+/// holds 8 tickets: 32 of each burst of 40 were full handshakes.)
+#[tokio::test]
+async fn bursts_of_new_connections_resume_tls_sessions() {
+    const BURST: usize = 40;
+    let pki = Pki::new();
+    let server = RedisServer::start_tls(ServerAuth::app(), &ServerTls::new(&pki));
+    let tls = format!(
+        "server_name = \"localhost\"\n{}",
+        toml_path("ca_file", &pki.ca)
+    );
+    let amb = ambassador(&server, &server.tls_addr("127.0.0.1"), &tls).await;
+    burst(&server, &amb, BURST).await;
+    let full = handshakes(&amb, "full").await;
+    assert!(full >= 1.0, "the first burst found no session to resume");
+    for _ in 0..3 {
+        burst(&server, &amb, BURST).await;
+    }
+    assert_eq!(
+        handshakes(&amb, "full").await,
+        full,
+        "full handshakes after the first burst"
+    );
+    assert!(handshakes(&amb, "resumed").await >= (3 * BURST) as f64);
+}
+
 #[tokio::test]
 async fn an_ip_address_is_verified_against_the_ip_san() {
     let pki = Pki::new();

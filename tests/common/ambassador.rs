@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
+use prometheus_parse::{Scrape, Value};
 use redis_ambassador::config::{Config, ConfigErrors, LoadOptions};
 use redis_ambassador::Listener;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -97,6 +98,26 @@ impl Ambassador {
     /// `GET path` on the admin endpoint: the status code and the body.
     pub async fn admin_get(&self, path: &str) -> (u16, String) {
         http_get(&self.admin.to_string(), path).await
+    }
+
+    /// `/metrics`, parsed with a real Prometheus text-format parser.
+    pub async fn scrape(&self) -> Scrape {
+        let (status, body) = self.admin_get("/metrics").await;
+        assert_eq!(status, 200);
+        Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).expect("valid exposition text")
+    }
+
+    /// The value of `name` with `label`=`value` (or the only sample when `label` is empty).
+    pub async fn metric(&self, name: &str, label: (&str, &str)) -> Option<f64> {
+        let scrape = self.scrape().await;
+        scrape.samples.iter().find_map(|s| {
+            let matches =
+                s.metric == name && (label.0.is_empty() || s.labels.get(label.0) == Some(label.1));
+            match (&s.value, matches) {
+                (Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v), true) => Some(*v),
+                _ => None,
+            }
+        })
     }
 
     pub fn url(&self) -> String {

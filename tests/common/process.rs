@@ -93,3 +93,21 @@ pub async fn wait_for_clients(observer: &mut Raw, want: usize, what: &str) {
         tokio::time::sleep(Duration::from_millis(20)).await; // polling interval
     }
 }
+
+/// Connections to local `port` that wait with unread bytes (established, receive queue not
+/// empty), from `/proc/net/tcp`: e.g. TLS ClientHellos sent to a stopped server.
+pub fn waiting_connections(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let local = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let queued = fields.get(4).and_then(|q| q.split(':').nth(1));
+            fields.get(1).is_some_and(|a| a.ends_with(&local))
+                && fields.get(3) == Some(&"01")
+                && queued.is_some_and(|rx| rx != "00000000")
+        })
+        .count()
+}
