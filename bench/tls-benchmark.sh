@@ -7,14 +7,20 @@
 # Workloads: SET and GET with pipelines of 1 on kept-alive connections, then SET with one new
 # connection per request (-k 0), which is dominated by connection set-up: TCP, the TLS
 # handshake (resumed by the proxies that cache sessions) and AUTH. stunnel and HAProxy are
-# measured when installed (apt-get install -y stunnel4 haproxy). Prints requests per second
-# and the ratio to direct. Loopback only; every run is bounded by -n.
+# measured when installed (apt-get install -y stunnel4 haproxy). Loopback only; every run is
+# bounded by -n.
 #
-#   bash bench/tls-benchmark.sh [requests] [requests with -k 0]   (default 100000 and 10000)
+# Every workload runs `rounds` times; within a round direct and each proxy run back to back,
+# in an order that rotates from round to round. Prints the median requests per second of
+# each, its ratio to direct, and the ambassador's median against HAProxy's.
+#
+#   bash bench/tls-benchmark.sh [requests] [requests with -k 0] [rounds]
+#   (defaults: 100000, 10000, 5)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 requests=${1:-100000}
 reconnect_requests=${2:-10000}
+rounds=${3:-5}
 . bench/lib.sh
 require_tools redis-server redis-cli redis-benchmark openssl python3
 start_scratch
@@ -124,18 +130,39 @@ rps() { # n, keepalive, test, redis-benchmark args...
     awk -F, 'NR>1 || !/test/ { gsub(/"/, "", $2); print $2; exit }'
 }
 
-echo "redis $(redis-server --version | grep -o 'v=[^ ]*'), $(nproc) cores shared by redis-server, the proxy and redis-benchmark"
-printf '%-5s %-3s %12s' test k direct
-for proxy in "${proxies[@]}"; do printf ' %12s %6s' "$proxy" ratio; done
+ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
+port_args() { # runner: the redis-benchmark arguments that reach it
+  case $1 in
+    direct) printf '%s\n' -p "$tls_port" "${tls_client[@]}" "${auth[@]}" ;;
+    *) printf '%s\n' -p "$(port_of "$1")"; auth_of "$1" ;;
+  esac
+}
+
+echo "redis $(redis-server --version | grep -o 'v=[^ ]*'), $(nproc) cores shared by redis-server, the proxy and redis-benchmark; median of $rounds rounds"
+runners=(direct "${proxies[@]}")
+printf '%-5s %-3s %10s' test k direct
+for proxy in "${proxies[@]}"; do printf ' %10s %5s' "$proxy" ratio; done
+[[ " ${proxies[*]} " == *" haproxy "* ]] && printf ' %18s' ambassador/haproxy
 printf '\n'
 for workload in "set 1 $requests" "get 1 $requests" "set 0 $reconnect_requests"; do
   read -r test keepalive n <<<"$workload"
-  direct=$(rps "$n" "$keepalive" "$test" -p "$tls_port" "${tls_client[@]}" "${auth[@]}")
-  printf '%-5s %-3s %12s' "$test" "$keepalive" "$direct"
-  for proxy in "${proxies[@]}"; do
-    mapfile -t proxy_auth < <(auth_of "$proxy")
-    via=$(rps "$n" "$keepalive" "$test" -p "$(port_of "$proxy")" "${proxy_auth[@]}")
-    printf ' %12s %6s' "$via" "$(python3 -c "print(f'{$via/$direct:.2f}')")"
+  declare -A runs=()
+  for round in $(seq "$rounds"); do
+    for i in "${!runners[@]}"; do
+      runner=${runners[$(( (i + round) % ${#runners[@]} ))]}
+      mapfile -t args < <(port_args "$runner")
+      runs[$runner]+="$(rps "$n" "$keepalive" "$test" "${args[@]}") "
+    done
   done
+  declare -A med=()
+  for runner in "${runners[@]}"; do
+    med[$runner]=$(printf '%s\n' ${runs[$runner]} | median)
+  done
+  printf '%-5s %-3s %10.0f' "$test" "$keepalive" "${med[direct]}"
+  for proxy in "${proxies[@]}"; do
+    printf ' %10.0f %5s' "${med[$proxy]}" "$(ratio "${med[$proxy]}" "${med[direct]}")"
+  done
+  [ -n "${med[haproxy]:-}" ] && printf ' %18s' "$(ratio "${med[ambassador]}" "${med[haproxy]}")"
   printf '\n'
+  unset runs med
 done
