@@ -22,7 +22,9 @@ use rustls::pki_types::ServerName;
 use rustls::NamedGroup;
 
 /// Tickets kept per server: more than the connections a sidecar opens at once in practice.
-/// A ticket is a few hundred bytes, so a full store is about 100 KiB.
+/// A ticket holds a copy of the server's certificate chain, a few KiB, so a full store is
+/// about 1 MiB. It only fills that far after that many handshakes were in flight at once:
+/// a resumed connection takes one ticket and brings one, only full handshakes add more.
 pub const TICKETS_PER_SERVER: usize = 256;
 
 /// Server names remembered. There is one upstream name per configuration; the bound only
