@@ -11,22 +11,23 @@
 //! every command sent before it, and the replies to the ambassador's own AUTH (after a RESET,
 //! or after a credential rotation) never reach the client.
 //!
-//! The client side tells the reply side what to expect through an unbounded channel of
-//! [`Expect`] items, always before it writes the bytes that cause those replies. The channel
+//! The client side tells the reply side what to expect through a queue of [`Expect`] items
+//! ([`Expectations`]), always before it writes the bytes that cause those replies. The queue
 //! holds at most one item per judged batch or special command, so it grows only with what the
 //! client has already sent and the upstream has not yet answered.
 
 mod replies;
 mod requests;
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{watch, Notify};
 
 use crate::config::Handshake;
 use crate::credentials::{Credentials, DownstreamPassword};
@@ -117,6 +118,38 @@ enum Expect {
     Opaque,
 }
 
+/// The [`Expect`] items on their way from the client side to the reply side.
+///
+/// Both sides run in the session's one task, so the lock is never contended. The reply side
+/// takes every item before it relays upstream bytes, and a count of replies has nothing to do
+/// until those replies arrive: only the other items wake it. (A channel woke the task once
+/// more for every request, each wake a wasted poll of the whole session.)
+#[derive(Default)]
+struct Expectations {
+    queue: Mutex<VecDeque<Expect>>,
+    wake: Notify,
+}
+
+impl Expectations {
+    fn push(&self, e: Expect) {
+        let wake = !matches!(e, Expect::Replies(_));
+        self.lock().push_back(e);
+        if wake {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Moves every item pushed so far to the end of `into`.
+    fn take_into(&self, into: &mut VecDeque<Expect>) {
+        into.append(&mut self.lock());
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Expect>> {
+        // A VecDeque push or append cannot leave it half-changed.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// When a byte last moved, for the idle timeout: milliseconds since the session started.
 struct Activity {
     start: Instant,
@@ -161,7 +194,7 @@ where
 {
     let (client_read, client_write) = tokio::io::split(client);
     let (upstream_read, upstream_write) = tokio::io::split(upstream);
-    let (tx, rx) = mpsc::unbounded_channel();
+    let expectations = Expectations::default();
     let from_client = AtomicU64::new(0);
     let to_client = AtomicU64::new(0);
     let activity = Activity {
@@ -173,15 +206,22 @@ where
     let requests = requests::Requests::new(
         client_read,
         upstream_write,
-        tx,
+        &expectations,
         ctx,
         pending,
         &from_client,
         &activity,
     )
     .run();
-    let replies =
-        replies::ReplyPump::new(upstream_read, client_write, rx, ctx, &to_client, &activity).run();
+    let replies = replies::ReplyPump::new(
+        upstream_read,
+        client_write,
+        &expectations,
+        ctx,
+        &to_client,
+        &activity,
+    )
+    .run();
     let idle = async {
         match ctx.idle_timeout {
             Some(limit) => activity.idle_for(limit).await,

@@ -6,9 +6,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
 
-use super::{io_err, Activity, Close, Context, Expect, RelayError, AUTH_FAILED, CHUNK};
+use super::{
+    io_err, Activity, Close, Context, Expect, Expectations, RelayError, AUTH_FAILED, CHUNK,
+};
 use crate::resp::{Boundary, ReplyFramer};
 
 /// Swallowing the replies to the ambassador's own commands.
@@ -28,7 +29,7 @@ struct Swallow {
 pub(super) struct ReplyPump<'t, R, W> {
     upstream: R,
     client: W,
-    rx: mpsc::UnboundedReceiver<Expect>,
+    expectations: &'t Expectations,
     queue: VecDeque<Expect>,
     framer: ReplyFramer,
     tracked: bool,
@@ -53,7 +54,7 @@ where
     pub(super) fn new(
         upstream: R,
         client: W,
-        rx: mpsc::UnboundedReceiver<Expect>,
+        expectations: &'t Expectations,
         ctx: &'t Context,
         written: &'t AtomicU64,
         activity: &'t Activity,
@@ -61,7 +62,7 @@ where
         ReplyPump {
             upstream,
             client,
-            rx,
+            expectations,
             queue: VecDeque::new(),
             framer: ReplyFramer::default(),
             tracked: true,
@@ -80,7 +81,6 @@ where
 
     async fn pump(&mut self) -> Result<Close, RelayError> {
         let mut chunk = BytesMut::with_capacity(CHUNK);
-        let mut rx_open = true;
         loop {
             match self.settle().await? {
                 Head::Wait => {}
@@ -92,19 +92,16 @@ where
             tokio::select! {
                 // Expectations first: a reply can only be matched once its command is known.
                 biased;
-                msg = self.rx.recv(), if rx_open => match msg {
-                    Some(e) => self.queue.push_back(e),
-                    None => rx_open = false,
-                },
+                _ = self.expectations.wake.notified() => {
+                    self.expectations.take_into(&mut self.queue);
+                }
                 n = self.upstream.read_buf(&mut chunk) => {
                     if n.map_err(io_err("upstream"))? == 0 {
                         return Ok(Close::UpstreamClosed);
                     }
                     self.activity.touch();
-                    // Every expectation sent before these bytes were caused is in the channel.
-                    while let Ok(e) = self.rx.try_recv() {
-                        self.queue.push_back(e);
-                    }
+                    // Every expectation sent before these bytes were caused is in the queue.
+                    self.expectations.take_into(&mut self.queue);
                     if let Some(close) = self.relay_chunk(&chunk).await? {
                         return Ok(close);
                     }

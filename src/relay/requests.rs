@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
-use super::{drain, io_err, Activity, Close, Context, Expect, RelayError, CHUNK};
+use super::{drain, io_err, Activity, Close, Context, Expect, Expectations, RelayError, CHUNK};
 use crate::credentials::{Credentials, SecretBytes};
 use crate::filter::{self, Action, Filter, HelloPart, Replies};
 use crate::handshake;
@@ -18,7 +18,7 @@ use crate::resp::{self, ProtocolError, Request, RequestFramer};
 pub(super) struct Requests<'c, R, W> {
     client: R,
     upstream: W,
-    tx: mpsc::UnboundedSender<Expect>,
+    expectations: &'c Expectations,
     ctx: &'c Context,
     credentials: watch::Receiver<Arc<Credentials>>,
     buf: BytesMut,
@@ -57,7 +57,7 @@ where
     pub(super) fn new(
         client: R,
         upstream: W,
-        tx: mpsc::UnboundedSender<Expect>,
+        expectations: &'c Expectations,
         ctx: &'c Context,
         buf: BytesMut,
         read: &'c AtomicU64,
@@ -66,7 +66,7 @@ where
         Requests {
             client,
             upstream,
-            tx,
+            expectations,
             ctx,
             credentials: ctx.credentials.clone(),
             buf,
@@ -294,8 +294,7 @@ where
     }
 
     fn expect(&self, e: Expect) {
-        // The reply side only goes away when the session is ending anyway.
-        let _ = self.tx.send(e);
+        self.expectations.push(e);
     }
 
     /// Announces the replies of the run so far, before its bytes are written.
