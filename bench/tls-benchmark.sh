@@ -4,18 +4,20 @@
 #   ambassador  plain TCP to the ambassador, which does TLS and injects AUTH
 #   stunnel     plain TCP to stunnel (client mode), which does TLS; AUTH from the client
 #   haproxy     plain TCP to HAProxy (`server ... ssl verify required`); AUTH from the client
-# Workloads: SET and GET with pipelines of 1 on kept-alive connections, then SET with one new
-# connection per request (-k 0), which is dominated by connection set-up: TCP, the TLS
-# handshake (resumed by the proxies that cache sessions) and AUTH. stunnel and HAProxy are
-# measured when installed (apt-get install -y stunnel4 haproxy). Loopback only; every run is
-# bounded by -n.
+# Workloads: SET and GET with pipelines of 1 on 50 kept-alive connections (throughput), GET
+# from a single client (the latency the hop adds), then SET with one new connection per
+# request (-k 0), which is dominated by connection set-up: TCP, the TLS handshake (resumed by
+# the proxies that cache sessions) and AUTH. stunnel and HAProxy are measured when installed
+# (apt-get install -y stunnel4 haproxy). Loopback only; every run is bounded by -n.
 #
 # Every workload runs `rounds` times; within a round direct and each proxy run back to back,
 # in an order that rotates from round to round. Prints the median requests per second of
-# each, its ratio to direct, and the ambassador's median against HAProxy's.
+# each and its ratio to direct; the ambassador against HAProxy round by round (each pair ran
+# seconds apart, so the ratio cancels most of a shared machine's drift); and the CPU time the
+# proxy process spent per 10000 requests, which noise hardly moves.
 #
 #   bash bench/tls-benchmark.sh [requests] [requests with -k 0] [rounds]
-#   (defaults: 100000, 10000, 5)
+#   (defaults: 100000, 10000, 5; the single client runs a fifth of the requests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 requests=${1:-100000}
@@ -57,6 +59,7 @@ file = "$work/creds.toml"
 EOF
 RUST_LOG=warn ./target/release/redis-ambassador --config-dir "$work" --profile bench &
 pids+=($!)
+declare -A pid_of=([ambassador]=$!)
 
 proxies=(ambassador)
 if command -v stunnel4 >/dev/null || command -v stunnel >/dev/null; then
@@ -79,6 +82,7 @@ CAfile = $work/ca.pem
 EOF
   "$(command -v stunnel4 || command -v stunnel)" "$work/stunnel.conf" &
   pids+=($!)
+  pid_of[stunnel]=$!
   proxies+=(stunnel)
 else
   echo "stunnel not installed: skipped (apt-get install -y stunnel4)" >&2
@@ -101,6 +105,7 @@ backend tls
 EOF
   haproxy -db -f "$work/haproxy.cfg" 2>"$work/haproxy.log" &
   pids+=($!)
+  pid_of[haproxy]=$!
   proxies+=(haproxy)
 else
   echo "haproxy not installed: skipped (apt-get install -y haproxy)" >&2
@@ -124,45 +129,67 @@ for proxy in "${proxies[@]}"; do
   wait_pong -p "$(port_of "$proxy")" "${proxy_auth[@]}"
 done
 
-rps() { # n, keepalive, test, redis-benchmark args...
-  local n=$1 keepalive=$2 test=$3; shift 3
-  redis-benchmark -h 127.0.0.1 "$@" -c 50 -n "$n" -P 1 -k "$keepalive" -t "$test" --csv -q 2>/dev/null |
+rps() { # n, keepalive, clients, test, redis-benchmark args...
+  local n=$1 keepalive=$2 clients=$3 test=$4; shift 4
+  redis-benchmark -h 127.0.0.1 "$@" -c "$clients" -n "$n" -P 1 -k "$keepalive" -t "$test" --csv -q 2>/dev/null |
     awk -F, 'NR>1 || !/test/ { gsub(/"/, "", $2); print $2; exit }'
 }
-
-ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
 port_args() { # runner: the redis-benchmark arguments that reach it
   case $1 in
     direct) printf '%s\n' -p "$tls_port" "${tls_client[@]}" "${auth[@]}" ;;
     *) printf '%s\n' -p "$(port_of "$1")"; auth_of "$1" ;;
   esac
 }
+cpu_ticks() { # pid: user + system time so far, in clock ticks
+  if [ -n "$1" ]; then awk '{ print $14 + $15 }' "/proc/$1/stat"; else echo 0; fi
+}
 
-echo "redis $(redis-server --version | grep -o 'v=[^ ]*'), $(nproc) cores shared by redis-server, the proxy and redis-benchmark; median of $rounds rounds"
+echo "redis $(redis-server --version | grep -o 'v=[^ ]*'), $(nproc) cores shared by redis-server, the proxy and redis-benchmark; $rounds rounds"
 runners=(direct "${proxies[@]}")
-printf '%-5s %-3s %10s' test k direct
-for proxy in "${proxies[@]}"; do printf ' %10s %5s' "$proxy" ratio; done
-[[ " ${proxies[*]} " == *" haproxy "* ]] && printf ' %18s' ambassador/haproxy
-printf '\n'
-for workload in "set 1 $requests" "get 1 $requests" "set 0 $reconnect_requests"; do
-  read -r test keepalive n <<<"$workload"
-  declare -A runs=()
+: > "$work/results"
+# test, -k, clients, requests. One client shows the latency a hop adds; 50 the throughput.
+for workload in "set 1 50 $requests" "get 1 50 $requests" "get 1 1 $((requests / 5))" \
+  "set 0 50 $reconnect_requests"; do
+  read -r test keepalive clients n <<<"$workload"
   for round in $(seq "$rounds"); do
     for i in "${!runners[@]}"; do
       runner=${runners[$(( (i + round) % ${#runners[@]} ))]}
       mapfile -t args < <(port_args "$runner")
-      runs[$runner]+="$(rps "$n" "$keepalive" "$test" "${args[@]}") "
+      pid=${pid_of[$runner]:-}
+      before=$(cpu_ticks "$pid")
+      rate=$(rps "$n" "$keepalive" "$clients" "$test" "${args[@]}")
+      after=$(cpu_ticks "$pid")
+      echo "$test $keepalive $clients $n $round $runner $rate $((after - before))" >> "$work/results"
     done
   done
-  declare -A med=()
-  for runner in "${runners[@]}"; do
-    med[$runner]=$(printf '%s\n' ${runs[$runner]} | median)
-  done
-  printf '%-5s %-3s %10.0f' "$test" "$keepalive" "${med[direct]}"
-  for proxy in "${proxies[@]}"; do
-    printf ' %10.0f %5s' "${med[$proxy]}" "$(ratio "${med[$proxy]}" "${med[direct]}")"
-  done
-  [ -n "${med[haproxy]:-}" ] && printf ' %18s' "$(ratio "${med[ambassador]}" "${med[haproxy]}")"
-  printf '\n'
-  unset runs med
 done
+python3 - "$work/results" "$(getconf CLK_TCK)" "${runners[@]}" <<'EOF'
+import collections, statistics, sys
+path, hz, runners = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+proxies = runners[1:]
+rate, cpu = collections.defaultdict(dict), collections.defaultdict(dict)
+for line in open(path):
+    test, k, c, n, rnd, runner, r, ticks = line.split()
+    w = (test, k, c)
+    rate[w].setdefault(runner, {})[rnd] = float(r)
+    cpu[w].setdefault(runner, []).append(int(ticks) * 1000 / hz / (int(n) / 10000))
+med = statistics.median
+print("\nrequests/s, median of the rounds (ratio to direct)")
+head = f"{'test':5} {'k':>2} {'c':>3} {'direct':>9}" + "".join(f" {p:>10} {'ratio':>5}" for p in proxies)
+vs = "haproxy" in proxies
+print(head + ("   ambassador/haproxy by round: median (lowest-highest)" if vs else ""))
+for w, by in rate.items():
+    d = med(by["direct"].values())
+    row = f"{w[0]:5} {w[1]:>2} {w[2]:>3} {d:9.0f}"
+    for p in proxies:
+        m = med(by[p].values())
+        row += f" {m:10.0f} {m / d:5.2f}"
+    if vs:
+        rs = [by["ambassador"][r] / by["haproxy"][r] for r in by["haproxy"]]
+        row += f"   {med(rs):.2f} ({min(rs):.2f}-{max(rs):.2f})"
+    print(row)
+print("\nCPU time of the proxy process, ms per 10000 requests (median of the rounds)")
+print(f"{'test':5} {'k':>2} {'c':>3}" + "".join(f" {p:>10}" for p in proxies))
+for w, by in cpu.items():
+    print(f"{w[0]:5} {w[1]:>2} {w[2]:>3}" + "".join(f" {med(by[p]):10.0f}" for p in proxies))
+EOF
