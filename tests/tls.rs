@@ -55,8 +55,9 @@ fn assert_refused(text: &str, reason: &str) {
     assert!(text.ends_with(")\r\n"), "{text:?}");
 }
 
-#[tokio::test]
-async fn ca_file_and_server_name_verify_the_upstream() {
+/// A TLS redis-server and an ambassador that verifies it with the CA file and the name
+/// `localhost`, connecting to its IP address.
+async fn verified_upstream() -> (RedisServer, Ambassador) {
     let pki = Pki::new();
     let server = RedisServer::start_tls(ServerAuth::app(), &ServerTls::new(&pki));
     let tls = format!(
@@ -64,6 +65,12 @@ async fn ca_file_and_server_name_verify_the_upstream() {
         toml_path("ca_file", &pki.ca)
     );
     let amb = ambassador(&server, &server.tls_addr("127.0.0.1"), &tls).await;
+    (server, amb)
+}
+
+#[tokio::test]
+async fn ca_file_and_server_name_verify_the_upstream() {
+    let (_server, amb) = verified_upstream().await;
     assert_relays(&amb).await;
 }
 
@@ -104,13 +111,7 @@ async fn burst(server: &RedisServer, amb: &Ambassador, n: usize) {
 #[tokio::test]
 async fn bursts_of_new_connections_resume_tls_sessions() {
     const BURST: usize = 40;
-    let pki = Pki::new();
-    let server = RedisServer::start_tls(ServerAuth::app(), &ServerTls::new(&pki));
-    let tls = format!(
-        "server_name = \"localhost\"\n{}",
-        toml_path("ca_file", &pki.ca)
-    );
-    let amb = ambassador(&server, &server.tls_addr("127.0.0.1"), &tls).await;
+    let (server, amb) = verified_upstream().await;
     burst(&server, &amb, BURST).await;
     let full = handshakes(&amb, "full").await;
     assert!(full >= 1.0, "the first burst found no session to resume");
