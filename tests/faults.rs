@@ -9,25 +9,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use prometheus_parse::{Scrape, Value};
 use redis_protocol::resp3::types::OwnedFrame;
 use tokio::io::AsyncWriteExt;
 
 const UNAVAILABLE: &str = "-ERR ambassador: upstream unavailable (";
-
-/// The value of `name` with `label`=`value` on `/metrics`, parsed by a Prometheus parser.
-async fn metric(amb: &Ambassador, name: &str, label: (&str, &str)) -> Option<f64> {
-    let (status, body) = amb.admin_get("/metrics").await;
-    assert_eq!(status, 200);
-    let scrape = Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).expect("valid metrics");
-    scrape.samples.iter().find_map(|s| {
-        let matches = s.metric == name && s.labels.get(label.0) == Some(label.1);
-        match (&s.value, matches) {
-            (Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v), true) => Some(*v),
-            _ => None,
-        }
-    })
-}
 
 /// What a client gets before the ambassador closes it, as text.
 async fn final_words(amb_addr: &str) -> String {
@@ -322,12 +307,12 @@ async fn an_unresolvable_upstream_is_reported_and_the_ambassador_keeps_listening
     }
     assert_eq!(amb.admin_get("/healthz").await.0, 200);
     assert_eq!(amb.admin_get("/readyz").await.0, 503);
-    let dns = metric(
-        &amb,
-        "ambassador_upstream_connect_failures_total",
-        ("reason", "dns"),
-    )
-    .await;
+    let dns = amb
+        .metric(
+            "ambassador_upstream_connect_failures_total",
+            ("reason", "dns"),
+        )
+        .await;
     assert!(dns >= Some(3.0), "dns failures counted: {dns:?}");
 }
 
@@ -377,25 +362,18 @@ async fn a_deleted_credential_file_keeps_the_last_good_credentials() {
     let amb = ambassador_with_credentials_at(&server, &creds).await;
     let mut open = amb.connect().await;
     assert_eq!(open.cmd(&["SET", "k", "v"]).await, simple("OK"));
-    let before = metric(
-        &amb,
-        "ambassador_credential_reloads_total",
-        ("result", "invalid"),
-    )
-    .await
-    .unwrap_or(0.0);
+    let before = amb
+        .metric("ambassador_credential_reloads_total", ("result", "invalid"))
+        .await
+        .unwrap_or(0.0);
 
     std::fs::remove_file(&creds).unwrap();
     wait_until(
         "the missing file is counted as invalid",
         DEADLINE,
         || async {
-            metric(
-                &amb,
-                "ambassador_credential_reloads_total",
-                ("result", "invalid"),
-            )
-            .await
+            amb.metric("ambassador_credential_reloads_total", ("result", "invalid"))
+                .await
                 > Some(before)
         },
     )
