@@ -170,7 +170,7 @@ async fn a_stalled_upstream_times_out_without_blocking_anything_else() {
     let server = RedisServer::start(ServerAuth::app());
     // The timeouts are upstream settings; no periodic probe to stall alongside.
     let dir = tempfile::tempdir().unwrap();
-    let profile = profile_for(&server, dir.path(), "[admin]\nprobe_interval = \"1h\"\n").replace(
+    let profile = profile_for(&server, dir.path(), NO_PROBES).replace(
         "[upstream]\n",
         "[upstream]\nconnect_timeout = \"1s\"\nhandshake_timeout = \"1s\"\n",
     );
@@ -229,17 +229,13 @@ async fn a_stalled_upstream_times_out_without_blocking_anything_else() {
 async fn a_client_leaving_mid_pipeline_releases_its_upstream_and_descriptors() {
     let server = RedisServer::start(ServerAuth::app());
     let dir = tempfile::tempdir().unwrap();
-    let bin = binary_for(
-        &server,
-        dir.path(),
-        &[("AMBASSADOR__ADMIN__PROBE_INTERVAL", "1h")],
-    );
+    let bin = binary_for(&server, dir.path(), &[NO_PROBES_ENV]);
     let pid = bin.pid();
     let mut observer = server.direct().await;
     let mut warm = Raw::connect(&bin.addr).await;
     assert_eq!(warm.cmd(&["PING"]).await, simple("PONG"));
     drop(warm);
-    wait_for_clients(&mut observer, 1, "the warm-up session closed").await;
+    wait_for_clients(&mut observer, 1, DEADLINE, "the warm-up session closed").await;
     let fds = fd_count(pid);
 
     let mut pipeline = Vec::new();
@@ -269,7 +265,7 @@ async fn a_client_leaving_mid_pipeline_releases_its_upstream_and_descriptors() {
     );
     drop(c); // replies unread, a command half-sent
 
-    wait_for_clients(&mut observer, 1, "the session's upstream closed").await;
+    wait_for_clients(&mut observer, 1, DEADLINE, "the session's upstream closed").await;
     wait_until("the descriptors back to the baseline", DEADLINE, || async {
         fd_count(pid) == fds
     })

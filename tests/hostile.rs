@@ -13,10 +13,6 @@ use common::*;
 use redis_protocol::resp3::types::OwnedFrame;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// No periodic probe connection, so `CLIENT LIST` counts exactly the sessions.
-const QUIET: &str = "[admin]\nprobe_interval = \"1h\"\n";
-const QUIET_ENV: (&str, &str) = ("AMBASSADOR__ADMIN__PROBE_INTERVAL", "1h");
-
 /// A second client doing SET/GET on its own connection for as long as a test runs; every
 /// reply is checked, and a wrong one fails the task (seen by `progresses` and `finish`).
 struct Bystander {
@@ -63,7 +59,8 @@ impl Bystander {
     }
 }
 
-/// A direct connection as the app user, for CLIENT LIST and for checking what Redis holds.
+/// A direct connection as the app user, for counting Redis's clients and for checking what
+/// Redis holds.
 struct Observer {
     raw: Raw,
     /// Connections Redis should have when no hostile client is open.
@@ -88,7 +85,7 @@ impl Observer {
 
     /// Waits until the upstream connections of closed clients are gone too.
     async fn back_to_baseline(&mut self, what: &str) {
-        wait_for_clients(&mut self.raw, self.baseline, what).await;
+        wait_for_clients(&mut self.raw, self.baseline, DEADLINE, what).await;
     }
 }
 
@@ -113,7 +110,7 @@ async fn direct_answer(server: &RedisServer, bytes: &[u8]) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_lengths_get_redis_errors_and_the_upstream_is_closed() {
     let server = RedisServer::start(ServerAuth::app());
-    let amb = Ambassador::start(&server, QUIET).await;
+    let amb = Ambassador::start(&server, NO_PROBES).await;
     let bystander = Bystander::start(&amb.addr.to_string()).await;
     let mut observer = Observer::new(&server, 1).await;
 
@@ -177,7 +174,7 @@ async fn malformed_lengths_get_redis_errors_and_the_upstream_is_closed() {
 async fn declared_counts_and_lengths_are_not_allocated() {
     let server = RedisServer::start(ServerAuth::app());
     let dir = tempfile::tempdir().unwrap();
-    let bin = binary_for(&server, dir.path(), &[QUIET_ENV]);
+    let bin = binary_for(&server, dir.path(), &[NO_PROBES_ENV]);
     let bystander = Bystander::start(&bin.addr).await;
     let mut observer = Observer::new(&server, 1).await;
     let pid = bin.pid();
@@ -247,7 +244,7 @@ async fn declared_counts_and_lengths_are_not_allocated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_closing_mid_frame_gets_no_reply_and_its_upstream_is_closed() {
     let server = RedisServer::start(ServerAuth::app());
-    let amb = Ambassador::start(&server, QUIET).await;
+    let amb = Ambassador::start(&server, NO_PROBES).await;
     let bystander = Bystander::start(&amb.addr.to_string()).await;
     let mut observer = Observer::new(&server, 1).await;
 
@@ -362,7 +359,7 @@ fn random_bytes(rng: &mut Rng) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_garbage_gets_exactly_what_redis_answers() {
     let server = RedisServer::start(ServerAuth::app());
-    let amb = Ambassador::start(&server, QUIET).await;
+    let amb = Ambassador::start(&server, NO_PROBES).await;
     let bystander = Bystander::start(&amb.addr.to_string()).await;
     let mut observer = Observer::new(&server, 1).await;
 
@@ -419,7 +416,7 @@ async fn a_gigabyte_without_a_newline_is_refused_after_64_kib() {
     const REPLY: &[u8] = b"-ERR Protocol error: too big inline request\r\n";
     let server = RedisServer::start(ServerAuth::app());
     let dir = tempfile::tempdir().unwrap();
-    let bin = binary_for(&server, dir.path(), &[QUIET_ENV]);
+    let bin = binary_for(&server, dir.path(), &[NO_PROBES_ENV]);
     let bystander = Bystander::start(&bin.addr).await;
     let mut observer = Observer::new(&server, 1).await;
     let pid = bin.pid();
@@ -491,7 +488,7 @@ async fn trickle(c: &mut Raw, bytes: &[u8]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_trickled_one_byte_at_a_time_still_works() {
     let server = RedisServer::start(ServerAuth::app());
-    let amb = Ambassador::start(&server, QUIET).await;
+    let amb = Ambassador::start(&server, NO_PROBES).await;
     let bystander = Bystander::start(&amb.addr.to_string()).await;
     let mut c = amb.connect().await;
 

@@ -67,33 +67,6 @@ fn raise_nofile() -> (u64, usize) {
     (soft, idle)
 }
 
-/// `connected_clients` from INFO on a direct connection (which counts itself).
-async fn connected_clients(observer: &mut Raw) -> usize {
-    let OwnedFrame::BlobString { data, .. } = observer.cmd(&["INFO", "clients"]).await else {
-        panic!("INFO answers a bulk string");
-    };
-    String::from_utf8_lossy(&data)
-        .lines()
-        .find_map(|l| l.strip_prefix("connected_clients:"))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("connected_clients in INFO")
-}
-
-async fn wait_connected(observer: &mut Raw, want: usize, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    loop {
-        let now = connected_clients(observer).await;
-        if now == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "Redis has {now} clients, expected {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await; // polling interval
-    }
-}
-
 /// `n` sessions to `addr`, each answering one PING (so it is accepted, connected upstream
 /// and authenticated) and then left idle; at most 256 being opened at a time.
 async fn open_idle(addr: &str, n: usize) -> Vec<Raw> {
@@ -141,10 +114,7 @@ async fn ten_thousand_idle_clients_beside_fifty_busy_ones() {
     let bin = binary_for(
         &server,
         dir.path(),
-        &[
-            ("AMBASSADOR__LISTEN__MAX_CLIENTS", "20000"),
-            ("AMBASSADOR__ADMIN__PROBE_INTERVAL", "1h"),
-        ],
+        &[("AMBASSADOR__LISTEN__MAX_CLIENTS", "20000"), NO_PROBES_ENV],
     );
     let pid = bin.pid();
     assert_eq!(
@@ -156,13 +126,19 @@ async fn ten_thousand_idle_clients_beside_fifty_busy_ones() {
     let mut warm = Raw::connect(&bin.addr).await;
     assert_eq!(warm.cmd(&["PING"]).await, simple("PONG"));
     drop(warm);
-    wait_connected(&mut observer, 1, DEADLINE).await;
+    wait_for_clients(&mut observer, 1, DEADLINE, "the warm-up session closed").await;
     let (rss0, fds0) = (proc_kib(pid, "VmRSS"), fd_count(pid));
 
     let t = Instant::now();
     let idle = open_idle(&bin.addr, idle_clients).await;
     // Every idle client has its own authenticated upstream connection.
-    wait_connected(&mut observer, 1 + idle_clients, DEADLINE * 3).await;
+    wait_for_clients(
+        &mut observer,
+        1 + idle_clients,
+        DEADLINE * 3,
+        "every idle session upstream",
+    )
+    .await;
     let connect_time = t.elapsed();
     let (rss1, fds1) = (proc_kib(pid, "VmRSS"), fd_count(pid));
     assert!(
@@ -197,7 +173,7 @@ async fn ten_thousand_idle_clients_beside_fifty_busy_ones() {
     );
 
     // Everything closed: the ambassador gives back every descriptor.
-    wait_connected(&mut observer, 1, DEADLINE * 3).await;
+    wait_for_clients(&mut observer, 1, DEADLINE * 3, "every session closed").await;
     wait_until(
         "the ambassador's descriptors back to the baseline",
         DEADLINE,
@@ -214,19 +190,15 @@ async fn ten_thousand_idle_clients_beside_fifty_busy_ones() {
 async fn two_minute_soak_with_churn_returns_to_its_warm_level() {
     let server = RedisServer::start(ServerAuth::app());
     let dir = tempfile::tempdir().unwrap();
-    let bin = binary_for(
-        &server,
-        dir.path(),
-        &[("AMBASSADOR__ADMIN__PROBE_INTERVAL", "1h")],
-    );
+    let bin = binary_for(&server, dir.path(), &[NO_PROBES_ENV]);
     let pid = bin.pid();
     let mut observer = server.direct().await;
 
     let warm = soak_phase(&bin.addr, Duration::from_secs(15)).await;
-    wait_connected(&mut observer, 1, DEADLINE).await;
+    wait_for_clients(&mut observer, 1, DEADLINE, "the warm-up churn closed").await;
     let (rss1, fds1) = (proc_kib(pid, "VmRSS"), fd_count(pid));
     let main = soak_phase(&bin.addr, Duration::from_secs(105)).await;
-    wait_connected(&mut observer, 1, DEADLINE).await;
+    wait_for_clients(&mut observer, 1, DEADLINE, "the main churn closed").await;
     wait_until("descriptors back to the warm level", DEADLINE, || async {
         fd_count(pid) <= fds1
     })

@@ -24,6 +24,10 @@ use std::time::Duration;
 pub const DEADLINE: Duration = Duration::from_secs(10);
 pub const USER: &str = "app";
 pub const PASSWORD: &str = "app-secret-7f3a";
+/// Profile lines that keep the periodic probe out of the way (it connects to Redis too,
+/// which tests counting Redis's connections must not see), and the same as environment.
+pub const NO_PROBES: &str = "[admin]\nprobe_interval = \"1h\"\n";
+pub const NO_PROBES_ENV: (&str, &str) = ("AMBASSADOR__ADMIN__PROBE_INTERVAL", "1h");
 /// What clients must offer when a test sets `listen.require_password_file`.
 pub const CLIENT_PASSWORD: &str = "client-pass-55";
 
