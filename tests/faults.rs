@@ -274,17 +274,22 @@ async fn a_client_leaving_mid_pipeline_releases_its_upstream_and_descriptors() {
     assert_eq!(after.cmd(&["PING"]).await, simple("PONG"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unresolvable_upstream_is_reported_and_the_ambassador_keeps_listening() {
+/// An ambassador whose upstream is `nonexistent.invalid:6379`, with `upstream` lines added.
+async fn unresolvable_upstream(upstream: &str) -> Ambassador {
     let dir = tempfile::tempdir().unwrap();
     let creds = dir.path().join("redis-credentials");
     std::fs::write(&creds, ServerAuth::app().credential_file()).unwrap();
     let profile = format!(
         "[listen]\naddress = \"127.0.0.1:0\"\n[upstream]\naddress = \"nonexistent.invalid:6379\"\n\
-         connect_timeout = \"2s\"\n[credentials]\nfile = \"{}\"\n",
+         {upstream}[credentials]\nfile = \"{}\"\n",
         creds.display()
     );
-    let amb = Ambassador::with_config(load_config(dir.path(), &profile), dir).await;
+    Ambassador::with_config(load_config(dir.path(), &profile), dir).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unresolvable_upstream_is_reported_and_the_ambassador_keeps_listening() {
+    let amb = unresolvable_upstream("connect_timeout = \"2s\"\n").await;
     for _ in 0..3 {
         let started = Instant::now();
         let words = final_words(&amb.addr.to_string()).await;
@@ -316,15 +321,7 @@ async fn an_unresolvable_upstream_is_reported_and_the_ambassador_keeps_listening
 /// error kind (`uncategorized error`) that says nothing about what went wrong.
 #[tokio::test]
 async fn the_dns_error_says_what_the_resolver_said() {
-    let dir = tempfile::tempdir().unwrap();
-    let creds = dir.path().join("redis-credentials");
-    std::fs::write(&creds, ServerAuth::app().credential_file()).unwrap();
-    let profile = format!(
-        "[listen]\naddress = \"127.0.0.1:0\"\n[upstream]\naddress = \"nonexistent.invalid:6379\"\n\
-         [credentials]\nfile = \"{}\"\n",
-        creds.display()
-    );
-    let amb = Ambassador::with_config(load_config(dir.path(), &profile), dir).await;
+    let amb = unresolvable_upstream("").await;
     let words = final_words(&amb.addr.to_string()).await;
     let reason = words
         .trim_end()
