@@ -107,11 +107,17 @@ async fn direct_answer(server: &RedisServer, bytes: &[u8]) -> Vec<u8> {
     d.read_to_close().await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_lengths_get_redis_errors_and_the_upstream_is_closed() {
+/// Redis, an in-process ambassador without probes, and a bystander session on it.
+async fn with_bystander() -> (RedisServer, Ambassador, Bystander) {
     let server = RedisServer::start(ServerAuth::app());
     let amb = Ambassador::start(&server, NO_PROBES).await;
     let bystander = Bystander::start(&amb.addr.to_string()).await;
+    (server, amb, bystander)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_lengths_get_redis_errors_and_the_upstream_is_closed() {
+    let (server, amb, bystander) = with_bystander().await;
     let mut observer = Observer::new(&server, 1).await;
 
     let digits = |d: &str, n: usize| d.repeat(n);
@@ -243,9 +249,7 @@ async fn declared_counts_and_lengths_are_not_allocated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_closing_mid_frame_gets_no_reply_and_its_upstream_is_closed() {
-    let server = RedisServer::start(ServerAuth::app());
-    let amb = Ambassador::start(&server, NO_PROBES).await;
-    let bystander = Bystander::start(&amb.addr.to_string()).await;
+    let (server, amb, bystander) = with_bystander().await;
     let mut observer = Observer::new(&server, 1).await;
 
     let frames: [&[u8]; 8] = [
@@ -358,9 +362,7 @@ fn random_bytes(rng: &mut Rng) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_garbage_gets_exactly_what_redis_answers() {
-    let server = RedisServer::start(ServerAuth::app());
-    let amb = Ambassador::start(&server, NO_PROBES).await;
-    let bystander = Bystander::start(&amb.addr.to_string()).await;
+    let (server, amb, bystander) = with_bystander().await;
     let mut observer = Observer::new(&server, 1).await;
 
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
@@ -487,9 +489,7 @@ async fn trickle(c: &mut Raw, bytes: &[u8]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_trickled_one_byte_at_a_time_still_works() {
-    let server = RedisServer::start(ServerAuth::app());
-    let amb = Ambassador::start(&server, NO_PROBES).await;
-    let bystander = Bystander::start(&amb.addr.to_string()).await;
+    let (_server, amb, bystander) = with_bystander().await;
     let mut c = amb.connect().await;
 
     let value = "two\r\nlines and a \0 byte";
