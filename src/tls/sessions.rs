@@ -25,7 +25,7 @@ use rustls::NamedGroup;
 /// A ticket holds a copy of the server's certificate chain, a few KiB, so a full store is
 /// about 1 MiB. It only fills that far after that many handshakes were in flight at once:
 /// a resumed connection takes one ticket and brings one, only full handshakes add more.
-pub const TICKETS_PER_SERVER: usize = 256;
+const TICKETS_PER_SERVER: usize = 256;
 
 /// Server names remembered. There is one upstream name per configuration; the bound only
 /// keeps a misbehaving caller from growing the map.
