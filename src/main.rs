@@ -86,7 +86,11 @@ fn main() -> ExitCode {
     };
     init_tracing(config.log_format);
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One thread, whose scheduler runs tasks in the order they were woken: clients whose
+    // bytes arrive one after the other reach the upstream in that order (the multi-thread
+    // scheduler runs the most recently woken task first, and two workers race each other).
+    // The machine's other cores serve Redis and the application.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
