@@ -25,9 +25,33 @@ pub enum Replies {
     One,
     /// No reply: `CLIENT REPLY OFF` is in force, or `CLIENT REPLY SKIP` preceded it.
     None,
-    /// An unknown number from now on (pub/sub, MONITOR), until a RESET.
+    /// An unknown number from now on, until a RESET: `CLIENT REPLY` queued inside MULTI.
     Untracked,
+    /// A pub/sub (un)subscription: confirmed by out-of-band frames named `confirms`
+    /// (`subscribe\r\n`, ...), one per channel named (`channels`; an unsubscription from
+    /// all names none, and gets one per channel it had), or refused with one error reply;
+    /// `replied` is false when CLIENT REPLY silences that error.
+    Subscribe {
+        confirms: &'static [u8],
+        channels: u64,
+        replied: bool,
+    },
+    /// MONITOR: one reply, then the feed's lines arrive between replies.
+    Monitor { replied: bool },
+    /// EXEC of a MULTI that queued a subscription: one reply (unless silenced), after which
+    /// the connection may be subscribed.
+    ThenSubscribed { replied: bool },
 }
+
+/// The pub/sub commands, and the name of the frames that confirm each.
+pub const SUBSCRIPTIONS: [(&str, &[u8]); 6] = [
+    ("subscribe", b"subscribe\r\n"),
+    ("psubscribe", b"psubscribe\r\n"),
+    ("ssubscribe", b"ssubscribe\r\n"),
+    ("unsubscribe", b"unsubscribe\r\n"),
+    ("punsubscribe", b"punsubscribe\r\n"),
+    ("sunsubscribe", b"sunsubscribe\r\n"),
+];
 
 /// The pieces of a HELLO rewritten with the profile's credentials.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +106,8 @@ pub struct Filter {
     reply_off: bool,
     /// `CLIENT REPLY SKIP` was sent: the next command gets no reply.
     skip_next: bool,
+    /// The open MULTI queued a subscription: after EXEC the connection may be subscribed.
+    multi_subscribes: bool,
 }
 
 impl Filter {
@@ -92,7 +118,15 @@ impl Filter {
             in_multi: false,
             reply_off: false,
             skip_next: false,
+            multi_subscribes: false,
         }
+    }
+
+    /// Whether the next command's reply will come: CLIENT REPLY is neither OFF nor has a SKIP
+    /// armed. Only then can the ambassador's own command be told from the client's by
+    /// position, since it will get the next reply.
+    pub fn replies_on(&self) -> bool {
+        !self.reply_off && !self.skip_next
     }
 
     /// Decides what to do with `cmd`. `password_ok` checks a password a client offers
@@ -126,6 +160,7 @@ impl Filter {
             self.reply_off = false;
             self.authenticated = !self.password_required;
             self.in_multi = false;
+            self.multi_subscribes = false;
             return Action::Reset { replied };
         }
         if !self.authenticated {
@@ -137,19 +172,34 @@ impl Filter {
         if is("client") && cmd.is(1, "reply") {
             return Action::Forward(self.client_reply(cmd));
         }
-        let untracked = ["subscribe", "psubscribe", "ssubscribe", "unsubscribe"]
-            .iter()
-            .chain(&["punsubscribe", "sunsubscribe", "monitor"])
-            .any(|n| is(n));
-        let replies = if untracked {
-            Replies::Untracked
-        } else {
-            self.next_replies()
-        };
+        let subscription = SUBSCRIPTIONS.iter().find(|(n, _)| is(n));
+        let replies = self.next_replies();
+        let replied = replies == Replies::One;
+        if self.in_multi {
+            // Queued: `+QUEUED` now, the effect at EXEC.
+            self.multi_subscribes |= subscription.is_some();
+            if is("exec") || is("discard") {
+                self.in_multi = false;
+                let subscribes = std::mem::take(&mut self.multi_subscribes);
+                if subscribes && is("exec") {
+                    return Action::Forward(Replies::ThenSubscribed { replied });
+                }
+            }
+            return Action::Forward(replies);
+        }
+        if let Some(&(_, confirms)) = subscription {
+            let channels = cmd.argc.saturating_sub(1);
+            return Action::Forward(Replies::Subscribe {
+                confirms,
+                channels,
+                replied,
+            });
+        }
+        if is("monitor") {
+            return Action::Forward(Replies::Monitor { replied });
+        }
         if is("multi") {
             self.in_multi = true;
-        } else if is("exec") || is("discard") {
-            self.in_multi = false;
         }
         Action::Forward(replies)
     }
@@ -362,7 +412,15 @@ mod tests {
         let mut f = Filter::new(false);
         assert_eq!(
             f.decide(&cmd(&["SUBSCRIBE", "c"]), never),
-            Action::Forward(Replies::Untracked)
+            Action::Forward(Replies::Subscribe {
+                confirms: b"subscribe\r\n",
+                channels: 1,
+                replied: true
+            })
+        );
+        assert_eq!(
+            f.decide(&cmd(&["monitor"]), never),
+            Action::Forward(Replies::Monitor { replied: true })
         );
         assert_eq!(
             f.decide(&cmd(&["CLIENT", "ID"]), never),
@@ -410,6 +468,40 @@ mod tests {
             f.decide(&cmd(&["CLIENT", "REPLY", "OFF"]), never),
             Action::Forward(Replies::Untracked),
             "queued inside MULTI: not modelled"
+        );
+    }
+
+    #[test]
+    fn subscriptions_are_modelled_where_they_take_effect() {
+        let mut f = Filter::new(false);
+        let one = Action::Forward(Replies::One);
+        assert_eq!(
+            f.decide(&cmd(&["CLIENT", "REPLY", "SKIP"]), never),
+            Action::Forward(Replies::None)
+        );
+        assert_eq!(
+            f.decide(&cmd(&["PUNSUBSCRIBE"]), never),
+            Action::Forward(Replies::Subscribe {
+                confirms: b"punsubscribe\r\n",
+                channels: 0,
+                replied: false
+            }),
+            "a skipped subscription's error is silenced, its confirmations are not"
+        );
+        assert_eq!(f.decide(&cmd(&["MULTI"]), never), one);
+        assert_eq!(f.decide(&cmd(&["SSUBSCRIBE", "s"]), never), one, "queued");
+        assert_eq!(f.decide(&cmd(&["MONITOR"]), never), one, "queued");
+        assert_eq!(
+            f.decide(&cmd(&["EXEC"]), never),
+            Action::Forward(Replies::ThenSubscribed { replied: true })
+        );
+        assert_eq!(f.decide(&cmd(&["MULTI"]), never), one);
+        assert_eq!(f.decide(&cmd(&["SUBSCRIBE", "s"]), never), one);
+        assert_eq!(f.decide(&cmd(&["DISCARD"]), never), one);
+        assert_eq!(
+            f.decide(&cmd(&["EXEC"]), never),
+            one,
+            "nothing queued any more"
         );
     }
 }

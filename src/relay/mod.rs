@@ -16,11 +16,12 @@
 //! holds at most one item per judged batch or special command, so it grows only with what the
 //! client has already sent and the upstream has not yet answered.
 
+mod frames;
 mod replies;
 mod requests;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -101,12 +102,31 @@ pub struct Traffic {
 enum Expect {
     /// The next `n` replies are the upstream's answers to forwarded commands.
     Replies(u64),
-    /// From here on replies cannot be counted (pub/sub, MONITOR, CLIENT REPLY) until a RESET.
+    /// From here on replies cannot be counted until a RESET: only for `CLIENT REPLY` queued
+    /// in MULTI, after which Redis itself sends an EXEC array shorter than its header says.
     Untracked,
-    /// The next reply is RESET's (or, untracked, the next `+RESET`; none when a CLIENT REPLY
-    /// SKIP ate it); the `swallow` after it answer the re-authentication and are swallowed; a
-    /// refused AUTH among them ends the session.
-    Reset { replied: bool, swallow: usize },
+    /// A pub/sub (un)subscription: its success is confirmed by `confirms` frames (pushes,
+    /// or RESP2 arrays), `channels` of them (0: an unknown number, at least one), and adds
+    /// no reply; its failure is one error reply. `replied` is false under CLIENT REPLY
+    /// OFF/SKIP, when the error is silenced (confirmations are not).
+    Subscribe {
+        confirms: &'static [u8],
+        channels: u64,
+        replied: bool,
+    },
+    /// After the replies before it, the session may be subscribed (EXEC of a MULTI that
+    /// queued a subscription): RESP2 pub/sub messages are told from replies from here on.
+    MaybeSubscribed,
+    /// MONITOR: one reply; a `+OK` turns on the MONITOR feed, whose lines are told from
+    /// replies from then on. Unreplied (CLIENT REPLY OFF/SKIP): the feed starts here.
+    Monitor { replied: bool },
+    /// The next reply is RESET's (none when a CLIENT REPLY SKIP ate it); the replies to the
+    /// re-authentication `handshake` sent after it are swallowed; a refusal among them ends
+    /// the session.
+    Reset {
+        replied: bool,
+        handshake: Vec<&'static str>,
+    },
     /// The next `n` replies answer the ambassador's own commands (re-authentication after a
     /// credential change) and are swallowed; a refusal is logged, the session goes on.
     Swallow(usize),
@@ -114,9 +134,25 @@ enum Expect {
     Local(&'static [u8]),
     /// A local reply followed by closing the client, for this reason.
     LocalThenClose(Vec<u8>, Close),
+    /// Once every reply before it was relayed, the session ends (after QUIT's `+OK`, which
+    /// Redis follows with a close anyway).
+    Close(Close),
     /// Replication: from here on both directions are opaque bytes.
     Opaque,
 }
+
+impl Expect {
+    /// Answered by the ambassador itself, so not held back by the upstream's pace: these
+    /// are the items bounded by [`MAX_LOCAL_BACKLOG`].
+    fn is_local(&self) -> bool {
+        matches!(self, Expect::Local(_) | Expect::LocalThenClose(..))
+    }
+}
+
+/// Local replies not yet written to the client, at most. A client that sends without reading
+/// (an unauthenticated one answered `-NOAUTH` for every command, say) stops being read
+/// beyond this, as relayed commands stop once the upstream's socket is full.
+const MAX_LOCAL_BACKLOG: usize = 1024;
 
 /// The [`Expect`] items on their way from the client side to the reply side.
 ///
@@ -128,11 +164,17 @@ enum Expect {
 struct Expectations {
     queue: Mutex<VecDeque<Expect>>,
     wake: Notify,
+    /// Local replies pushed and not yet written; the client side waits on `room` when full.
+    locals: AtomicUsize,
+    room: Notify,
 }
 
 impl Expectations {
     fn push(&self, e: Expect) {
         let wake = !matches!(e, Expect::Replies(_));
+        if e.is_local() {
+            self.locals.fetch_add(1, Ordering::Relaxed);
+        }
         self.lock().push_back(e);
         if wake {
             self.wake.notify_one();
@@ -142,6 +184,21 @@ impl Expectations {
     /// Moves every item pushed so far to the end of `into`.
     fn take_into(&self, into: &mut VecDeque<Expect>) {
         into.append(&mut self.lock());
+    }
+
+    /// The reply side is done with `e`.
+    fn retire(&self, e: &Expect) {
+        if e.is_local() && self.locals.fetch_sub(1, Ordering::Relaxed) <= MAX_LOCAL_BACKLOG {
+            // A stored permit when nobody waits: the next wait returns at once and re-checks.
+            self.room.notify_one();
+        }
+    }
+
+    /// Completes once fewer than [`MAX_LOCAL_BACKLOG`] local replies wait to be written.
+    async fn room(&self) {
+        while self.locals.load(Ordering::Relaxed) >= MAX_LOCAL_BACKLOG {
+            self.room.notified().await;
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Expect>> {

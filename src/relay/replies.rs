@@ -7,21 +7,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::frames::{Class, Mode};
 use super::{
     io_err, Activity, Close, Context, Expect, Expectations, RelayError, AUTH_FAILED, CHUNK,
 };
-use crate::resp::{Boundary, ReplyFramer};
+use crate::resp::{Boundary, Frame, ReplyFramer};
 
 /// Swallowing the replies to the ambassador's own commands.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Swallow {
-    left: usize,
+    /// The commands whose replies are swallowed, AUTH first.
+    names: Vec<&'static str>,
+    /// How many of them were answered.
+    answered: usize,
     /// The frame being read now is swallowed.
     in_frame: bool,
-    /// The first of them is AUTH's.
-    first: bool,
-    /// A refused AUTH ends the session (after RESET the connection is no longer
-    /// authenticated); after a rotation the old authentication still holds.
+    /// A refusal ends the session (after RESET the connection is no longer authenticated,
+    /// nor on the profile's database); after a rotation the old authentication still holds.
     fatal: bool,
 }
 
@@ -32,7 +34,7 @@ pub(super) struct ReplyPump<'t, R, W> {
     expectations: &'t Expectations,
     queue: VecDeque<Expect>,
     framer: ReplyFramer,
-    tracked: bool,
+    mode: Mode,
     swallow: Option<Swallow>,
     ctx: &'t Context,
     written: &'t AtomicU64,
@@ -65,7 +67,7 @@ where
             expectations,
             queue: VecDeque::new(),
             framer: ReplyFramer::default(),
-            tracked: true,
+            mode: Mode::default(),
             swallow: None,
             ctx,
             written,
@@ -113,11 +115,19 @@ where
     /// Runs the queue's head while it needs no further reply.
     async fn settle(&mut self) -> Result<Head, RelayError> {
         loop {
+            let untracked = self.mode.untracked;
             match self.queue.front_mut() {
                 Some(Expect::Replies(0)) => {}
-                Some(Expect::Replies(_)) if self.tracked => return Ok(Head::Wait),
+                Some(Expect::Replies(_)) if !untracked => return Ok(Head::Wait),
                 Some(Expect::Replies(_)) => {}
-                Some(Expect::Untracked) => self.tracked = false,
+                Some(Expect::Untracked) => self.mode.untracked = true,
+                Some(
+                    Expect::Subscribe { replied: true, .. } | Expect::Monitor { replied: true },
+                ) if !untracked => return Ok(Head::Wait),
+                Some(Expect::Subscribe { .. } | Expect::MaybeSubscribed) => {
+                    self.mode.maybe_subscribed = true
+                }
+                Some(Expect::Monitor { .. }) => self.mode.monitoring = true,
                 Some(Expect::Local(reply)) => {
                     let reply: &[u8] = reply;
                     self.send(reply).await?;
@@ -125,28 +135,36 @@ where
                 Some(Expect::LocalThenClose(reply, why)) => {
                     let (reply, why) = (std::mem::take(reply), *why);
                     self.send(&reply).await?;
+                    self.pop_front();
                     return Ok(Head::Close(why));
                 }
+                Some(Expect::Close(why)) => return Ok(Head::Close(*why)),
                 Some(Expect::Swallow(n)) => {
                     if self.swallow.is_some() {
                         return Ok(Head::Wait);
                     }
-                    // Only ever sent while replies are counted.
-                    let left = *n;
-                    self.start_swallow(left, false);
+                    // Only ever sent while replies are counted: one AUTH.
+                    let names = vec!["AUTH"; *n];
+                    self.start_swallow(names, false);
                 }
                 Some(Expect::Opaque) if self.framer.at_boundary() => return Ok(Head::Opaque),
                 Some(Expect::Reset {
                     replied: false,
-                    swallow,
+                    handshake,
                 }) => {
                     // RESET's own reply was silenced: its swallowing starts right away.
-                    let left = *swallow;
-                    self.start_swallow(left, true);
+                    let names = std::mem::take(handshake);
+                    self.reset(names);
                 }
                 Some(Expect::Opaque | Expect::Reset { .. }) | None => return Ok(Head::Wait),
             }
-            self.queue.pop_front();
+            self.pop_front();
+        }
+    }
+
+    fn pop_front(&mut self) {
+        if let Some(e) = self.queue.pop_front() {
+            self.expectations.retire(&e);
         }
     }
 
@@ -168,16 +186,14 @@ where
                         pass_from = at;
                     }
                 }
-                Some(Boundary::End { at, push, head }) => {
+                Some(Boundary::End { at, frame }) => {
                     if self.swallowing_frame() {
                         pass_from = at;
-                        if let Some(close) = self.swallowed(head.as_bytes()).await? {
+                        if let Some(close) = self.swallowed(&frame).await? {
                             return Ok(Some(close));
                         }
-                    } else if push {
+                    } else if !self.account(&frame) {
                         continue;
-                    } else {
-                        self.count_reply(head.as_bytes());
                     }
                     if self.head_ready() {
                         self.send(&chunk[pass_from..at]).await?;
@@ -198,40 +214,87 @@ where
     }
 
     fn swallowing_frame(&self) -> bool {
-        self.swallow.is_some_and(|s| s.in_frame)
+        self.swallow.as_ref().is_some_and(|s| s.in_frame)
     }
 
-    /// A swallowed reply ended; `head` tells whether it was an error.
-    async fn swallowed(&mut self, head: &[u8]) -> Result<Option<Close>, RelayError> {
-        let Some(mut s) = self.swallow else {
+    /// A relayed frame ended: accounts for it. Returns whether it moved the queue's head.
+    fn account(&mut self, frame: &Frame) -> bool {
+        let awaiting = match self.queue.front() {
+            Some(Expect::Subscribe {
+                confirms,
+                replied: true,
+                ..
+            }) => Some(*confirms),
+            _ => None,
+        };
+        match self.mode.classify(frame, awaiting) {
+            Class::OutOfBand => false,
+            Class::Confirmation => {
+                let Some(Expect::Subscribe { channels, .. }) = self.queue.front_mut() else {
+                    return false;
+                };
+                if awaiting != Some(frame.first.as_bytes()) {
+                    return false;
+                }
+                // One confirmation per channel named; an unsubscription from all is taken
+                // as settled by its first.
+                *channels = channels.saturating_sub(1);
+                let settled = *channels == 0;
+                if settled {
+                    self.pop_front();
+                }
+                settled
+            }
+            Class::Reply => {
+                self.count_reply(frame.head.as_bytes());
+                true
+            }
+        }
+    }
+
+    /// A swallowed reply ended.
+    async fn swallowed(&mut self, frame: &Frame) -> Result<Option<Close>, RelayError> {
+        let Some(mut s) = self.swallow.take() else {
             return Ok(None);
         };
+        let head = frame.head.as_bytes();
         let failed = matches!(head.first(), Some(b'-' | b'!'));
-        if s.first && s.fatal && failed {
-            tracing::warn!("upstream refused re-authentication after RESET");
-            self.send(AUTH_FAILED).await?;
+        let first = s.answered == 0;
+        if s.fatal && failed {
+            let command = s.names[s.answered];
+            tracing::warn!(command, "upstream refused the handshake after RESET");
+            let reply = if first {
+                AUTH_FAILED.to_vec()
+            } else {
+                let code = head[1..].split(|b| b.is_ascii_whitespace()).next();
+                let code = String::from_utf8_lossy(code.unwrap_or_default());
+                format!("-ERR ambassador: upstream unavailable (upstream rejected {command} after RESET: {code})\r\n").into_bytes()
+            };
+            self.send(&reply).await?;
             return Ok(Some(Close::ReauthFailed));
         }
-        if s.first && !s.fatal {
+        if first && !s.fatal {
             self.rotated(failed);
         }
-        s.left -= 1;
-        s.first = false;
+        s.answered += 1;
         s.in_frame = false;
-        self.swallow = (s.left > 0).then_some(s);
+        self.swallow = (s.answered < s.names.len()).then_some(s);
         Ok(None)
     }
 
-    /// The next `left` replies answer the ambassador's own commands. After a RESET the
-    /// connection is fresh, so replies can be counted again.
-    fn start_swallow(&mut self, left: usize, fatal: bool) {
-        if fatal {
-            self.tracked = true;
-        }
-        self.swallow = (left > 0).then_some(Swallow {
-            left,
+    /// RESET's reply was relayed (or silenced): the connection is as fresh as after the
+    /// handshake, and the replies to `handshake`, re-sent after it, are swallowed.
+    fn reset(&mut self, handshake: Vec<&'static str>) {
+        self.mode = Mode::default();
+        self.start_swallow(handshake, true);
+    }
+
+    /// The next replies answer the ambassador's own commands `names`.
+    fn start_swallow(&mut self, names: Vec<&'static str>, fatal: bool) {
+        self.swallow = (!names.is_empty()).then_some(Swallow {
+            names,
+            answered: 0,
             in_frame: false,
-            first: true,
             fatal,
         });
     }
@@ -249,23 +312,36 @@ where
 
     /// Whether the queue's head can act now, between two replies.
     fn head_ready(&self) -> bool {
+        let untracked = self.mode.untracked;
         match self.queue.front() {
             None | Some(Expect::Reset { replied: true, .. }) => false,
             // Our own commands' replies come in order: one swallow after the other.
             Some(Expect::Swallow(_)) => self.swallow.is_none(),
-            Some(Expect::Replies(n)) => *n == 0 || !self.tracked,
+            Some(Expect::Replies(n)) => *n == 0 || untracked,
+            Some(Expect::Subscribe { replied: true, .. } | Expect::Monitor { replied: true }) => {
+                untracked
+            }
             Some(_) => true,
         }
     }
 
-    /// A reply (not a push) was relayed: account for it.
+    /// A reply (not a push, message or MONITOR line) was relayed: account for it.
     fn count_reply(&mut self, head: &[u8]) {
+        let untracked = self.mode.untracked;
         match self.queue.front_mut() {
-            Some(Expect::Replies(n)) if self.tracked && *n > 0 => *n -= 1,
-            Some(Expect::Reset { swallow, .. }) if self.tracked || head == b"+RESET\r" => {
-                let left = *swallow;
-                self.queue.pop_front();
-                self.start_swallow(left, true);
+            Some(Expect::Replies(n)) if !untracked && *n > 0 => *n -= 1,
+            // A subscription's reply is its refusal.
+            Some(Expect::Subscribe { replied: true, .. }) if !untracked => self.pop_front(),
+            Some(Expect::Monitor { replied: true }) if !untracked => {
+                self.mode.monitoring = head == b"+OK\r";
+                self.pop_front();
+            }
+            // By position; only where Redis itself made the stream uncountable, by the text
+            // RESET answers.
+            Some(Expect::Reset { handshake, .. }) if !untracked || head == b"+RESET\r" => {
+                let names = std::mem::take(handshake);
+                self.pop_front();
+                self.reset(names);
             }
             _ => {}
         }

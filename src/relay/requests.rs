@@ -94,6 +94,15 @@ where
                 let _ = self.upstream.shutdown().await;
             }
             Ok(Close::Local | Close::ProtocolError) => drain(&mut self.client).await,
+            Ok(Close::UpstreamClosed) => {
+                // After QUIT: the reply side ends the session at its +OK. Should the upstream
+                // never get to it (a blocked command before QUIT), the client's leaving ends
+                // the session, as it would end the client's Redis connection.
+                let mut sink = [0u8; 4096];
+                while matches!(self.client.read(&mut sink).await, Ok(n) if n > 0) {}
+                let _ = self.upstream.shutdown().await;
+                return Ok(Close::ClientClosed);
+            }
             _ => {}
         }
         end
@@ -105,6 +114,7 @@ where
                 return Ok(end);
             }
             self.reauthenticate_if_due().await?;
+            self.expectations.room().await;
             self.buf.reserve(CHUNK);
             let watching = self.ctx.reauth_open_sessions && !self.reauth_due;
             tokio::select! {
@@ -198,11 +208,29 @@ where
                 b.done += len;
                 b.replies += 1;
             }
-            Step::Forward(Replies::Untracked) => {
-                self.expect_run(b);
-                self.expect(Expect::Untracked);
-                self.tracked = false;
+            Step::Forward(Replies::Untracked) => self.reshape(b, len, Expect::Untracked),
+            Step::Forward(Replies::Subscribe {
+                confirms,
+                channels,
+                replied,
+            }) => self.reshape(
+                b,
+                len,
+                Expect::Subscribe {
+                    confirms,
+                    channels,
+                    replied,
+                },
+            ),
+            Step::Forward(Replies::Monitor { replied }) => {
+                self.reshape(b, len, Expect::Monitor { replied })
+            }
+            Step::Forward(Replies::ThenSubscribed { replied }) => {
                 b.done += len;
+                b.replies += u64::from(replied);
+                self.expect_run(b);
+                self.expect(Expect::MaybeSubscribed);
+                self.tracked = false;
             }
             Step::Replace(with, replies) => self.replace(b, len, &with, replies).await?,
             Step::Drop => self.skip(b, len).await?,
@@ -213,7 +241,7 @@ where
                     handshake::commands(&self.credentials.borrow_and_update(), &self.ctx.handshake);
                 self.expect(Expect::Reset {
                     replied,
-                    swallow: reauth.names.len(),
+                    handshake: reauth.names,
                 });
                 self.flush(b).await?;
                 self.write(&reauth.bytes).await?;
@@ -224,7 +252,10 @@ where
             Step::Quit => {
                 b.done += len;
                 b.replies += 1;
-                // Nothing after QUIT is read; the upstream closes after its +OK.
+                // The session ends with QUIT's +OK (Redis closes after it anyway); what the
+                // client sends after QUIT is never forwarded.
+                self.expect_run(b);
+                self.expect(Expect::Close(Close::UpstreamClosed));
                 return Ok(Some(Close::UpstreamClosed));
             }
             Step::Replication => {
@@ -256,13 +287,25 @@ where
         Ok(None)
     }
 
+    /// Forwards a command after which the upstream may send frames that are not replies
+    /// (pub/sub, MONITOR): the reply side tells them apart from where `e` stands.
+    fn reshape(&mut self, b: &mut Batch, len: usize, e: Expect) {
+        b.done += len;
+        self.expect_run(b);
+        self.expect(e);
+        // The ambassador's own AUTH waits for a RESET: a RESP2 subscriber may not send it.
+        self.tracked = false;
+    }
+
     /// After a credential change, sends the new `AUTH` between two commands, where the
     /// upstream reads it as its own command and its reply can be told apart: not inside MULTI
-    /// (it would be queued), not while replies cannot be counted, not inside a streamed
-    /// command. Replies still pending are fine: the reply side knows the AUTH's reply comes
-    /// right after them, and swallows it.
+    /// (it would be queued), not in pub/sub or MONITOR mode, not inside a streamed command,
+    /// and not while CLIENT REPLY OFF or SKIP would silence the AUTH's reply (or give it the
+    /// client's skip). Replies still pending are fine: the reply side knows the AUTH's reply
+    /// comes right after them, and swallows it.
     async fn reauthenticate_if_due(&mut self) -> Result<(), RelayError> {
-        if !self.reauth_due || !self.tracked || self.mid_stream || self.filter.in_multi {
+        let clear = self.tracked && !self.mid_stream && !self.filter.in_multi;
+        if !self.reauth_due || !clear || !self.filter.replies_on() {
             return Ok(());
         }
         self.reauth_due = false;

@@ -18,7 +18,7 @@ mod reply;
 mod request;
 mod syntax;
 
-pub use reply::{Boundary, LineHead, ReplyError, ReplyFramer};
+pub use reply::{Boundary, Frame, LineHead, ReplyError, ReplyFramer};
 pub use request::{
     Command, ProtocolError, Request, RequestFramer, HEAD_ARGS, INLINE_MAX, INSPECT_MAX, MAX_BULK,
     MAX_MULTIBULK, UNAUTH_MAX_BULK, UNAUTH_MAX_MULTIBULK,

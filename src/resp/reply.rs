@@ -8,16 +8,31 @@ use thiserror::Error;
 pub enum Boundary {
     /// A top-level frame begins at this offset; `kind` is its type byte.
     Start { at: usize, kind: u8 },
-    /// The top-level frame ends just before this offset. `push` tells an out-of-band RESP3
-    /// push from a reply; `head` holds the first bytes of a simple reply's line.
-    End {
-        at: usize,
-        push: bool,
-        head: LineHead,
-    },
+    /// The top-level frame ends just before this offset; `frame` says what it was.
+    End { at: usize, frame: Frame },
 }
 
-/// The first bytes of a top-level simple reply (`+RESET`, `-WRONGPASS ...`), for matching.
+/// What the reply side needs to know of a whole top-level frame to tell a reply from
+/// out-of-band traffic (pub/sub messages, MONITOR lines) without keeping its payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Frame {
+    /// The type byte, attributes before it skipped (`*` for an array).
+    pub kind: u8,
+    /// An out-of-band RESP3 push (`>`), attributes before it skipped.
+    pub push: bool,
+    /// The first bytes of a simple reply's line, type byte included (`+RESET\r`).
+    pub head: LineHead,
+    /// For an array or push: how many elements it has.
+    pub elements: u64,
+    /// For an array or push whose first element is a bulk string: its first bytes and CRLF
+    /// (`subscribe\r\n`), which name a pub/sub message or confirmation.
+    pub first: LineHead,
+    /// For an array or push whose third element is an integer: its value (the subscription
+    /// count of a pub/sub confirmation).
+    pub third: Option<i64>,
+}
+
+/// The first bytes of a line or payload, for matching.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LineHead {
     bytes: [u8; 16],
@@ -44,12 +59,25 @@ pub enum ReplyError {
     UnknownType(u8),
     #[error("invalid length in reply header")]
     InvalidLength,
-    #[error("replies nested deeper than {0} levels")]
+    #[error("replies nested in more than {0} distinct levels")]
     TooDeep(usize),
 }
 
-/// Replies nested deeper than this are refused rather than tracked.
-const MAX_DEPTH: usize = 1024;
+/// Open aggregates the framer tracks at most. A run of nested one-element aggregates (what a
+/// self-referencing Lua table makes Redis send, thousands deep) is a single entry, so only
+/// nesting in which every level has siblings counts here; each such level costs the upstream
+/// at least eight bytes (`*2\r\n:1\r\n`) and the framer 16: a 1 MiB stack at most.
+pub const MAX_LEVELS: usize = 1 << 16;
+
+/// One entry of the framer's stack: `run` nested aggregates of which the outermost has
+/// `left` elements still to come and every inner one exactly one (the one being read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Level {
+    left: u64,
+    run: u32,
+    /// An attribute: a prefix that does not count as an element of its parent. Never merged.
+    attribute: bool,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ReplyState {
@@ -63,21 +91,29 @@ enum ReplyState {
     Body { left: u64 },
 }
 
+/// Which element of a top-level aggregate is being read into the frame's summary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Capture {
+    None,
+    First,
+    Third,
+}
+
 /// Incremental framer of the upstream's replies.
 #[derive(Debug)]
 pub struct ReplyFramer {
     state: ReplyState,
-    /// Open aggregates: elements still to come, and whether it is an attribute (a prefix that
-    /// does not count as an element of its parent).
-    stack: Vec<(u64, bool)>,
+    /// Open aggregates, outermost first.
+    stack: Vec<Level>,
     number: u64,
     negative: bool,
     digits: u32,
     in_frame: bool,
-    push: bool,
     /// The frame's kind has been decided (attributes are skipped to find it).
     typed: bool,
-    head: LineHead,
+    frame: Frame,
+    capture: Capture,
+    third: LineHead,
 }
 
 impl Default for ReplyFramer {
@@ -89,9 +125,10 @@ impl Default for ReplyFramer {
             negative: false,
             digits: 0,
             in_frame: false,
-            push: false,
             typed: false,
-            head: LineHead::default(),
+            frame: Frame::default(),
+            capture: Capture::None,
+            third: LineHead::default(),
         }
     }
 }
@@ -117,18 +154,20 @@ impl ReplyFramer {
                     let start = !self.in_frame;
                     if start {
                         self.in_frame = true;
-                        self.push = false;
                         self.typed = false;
-                        self.head = LineHead::default();
+                        self.frame = Frame::default();
                     }
                     if !self.typed && kind != b'|' {
                         self.typed = true;
-                        self.push = kind == b'>' && self.stack.iter().all(|&(_, attr)| attr);
+                        self.frame.kind = kind;
+                        self.frame.push =
+                            kind == b'>' && self.stack.iter().all(|level| level.attribute);
                     }
+                    self.capture = self.capture_for(kind);
                     self.state = match kind {
                         b'+' | b'-' | b':' | b',' | b'#' | b'_' | b'(' => {
                             if self.stack.is_empty() {
-                                self.head.push(&[kind]);
+                                self.frame.head.push(&[kind]);
                             }
                             ReplyState::Line
                         }
@@ -145,24 +184,29 @@ impl ReplyFramer {
                         return Ok((p, Some(Boundary::Start { at: p - 1, kind })));
                     }
                 }
-                ReplyState::Line => match memchr(b'\n', &chunk[p..]) {
-                    Some(i) => {
-                        if self.stack.is_empty() {
-                            self.head.push(&chunk[p..p + i]);
-                        }
-                        p += i + 1;
-                        self.state = ReplyState::Type;
-                        if let Some(end) = self.element_done(p) {
-                            return Ok((p, Some(end)));
-                        }
+                ReplyState::Line => {
+                    let (line, end) = match memchr(b'\n', &chunk[p..]) {
+                        Some(i) => (&chunk[p..p + i], Some(p + i + 1)),
+                        None => (&chunk[p..], None),
+                    };
+                    if self.stack.is_empty() {
+                        self.frame.head.push(line);
+                    } else if self.capture == Capture::Third {
+                        self.third.push(line);
                     }
-                    None => {
-                        if self.stack.is_empty() {
-                            self.head.push(&chunk[p..]);
-                        }
+                    let Some(end) = end else {
                         p = chunk.len();
+                        continue;
+                    };
+                    p = end;
+                    self.state = ReplyState::Type;
+                    if self.capture == Capture::Third {
+                        self.frame.third = parse_integer(self.third.as_bytes());
                     }
-                },
+                    if let Some(end) = self.element_done(p) {
+                        return Ok((p, Some(end)));
+                    }
+                }
                 ReplyState::Length { kind } => {
                     let b = chunk[p];
                     p += 1;
@@ -190,6 +234,9 @@ impl ReplyFramer {
                 }
                 ReplyState::Body { left } => {
                     let take = left.min((chunk.len() - p) as u64);
+                    if self.capture == Capture::First {
+                        self.frame.first.push(&chunk[p..p + take as usize]);
+                    }
                     p += take as usize;
                     if take == left {
                         self.state = ReplyState::Type;
@@ -205,6 +252,25 @@ impl ReplyFramer {
         Ok((chunk.len(), None))
     }
 
+    /// Whether the element starting now, of type `kind`, goes into the frame's summary: the
+    /// first (a bulk name) or third (an integer) element of a top-level array or push.
+    fn capture_for(&mut self, kind: u8) -> Capture {
+        let [level] = self.stack[..] else {
+            return Capture::None;
+        };
+        if level.attribute || level.run != 1 {
+            return Capture::None;
+        }
+        match (self.frame.elements - level.left, kind) {
+            (0, b'$') => Capture::First,
+            (2, b':') => {
+                self.third = LineHead::default();
+                Capture::Third
+            }
+            _ => Capture::None,
+        }
+    }
+
     fn header_done(&mut self, kind: u8, p: usize) -> Result<Option<Boundary>, ReplyError> {
         self.state = ReplyState::Type;
         if self.negative {
@@ -218,45 +284,70 @@ impl ReplyFramer {
                 Ok(None)
             }
             _ => {
+                let attribute = kind == b'|';
                 let elements = if matches!(kind, b'%' | b'|') {
                     n.checked_mul(2).ok_or(ReplyError::InvalidLength)?
                 } else {
                     n
                 };
+                if self.stack.is_empty() && !attribute {
+                    self.frame.elements = elements;
+                }
                 if elements == 0 {
                     // An empty attribute is only a prefix; an empty aggregate is an element.
-                    return Ok(if kind == b'|' {
+                    return Ok(if attribute {
                         None
                     } else {
                         self.element_done(p)
                     });
                 }
-                if self.stack.len() >= MAX_DEPTH {
-                    return Err(ReplyError::TooDeep(MAX_DEPTH));
-                }
-                self.stack.push((elements, kind == b'|'));
+                self.open(elements, attribute)?;
                 Ok(None)
             }
         }
     }
 
+    /// An aggregate of `elements` opens inside the element being read.
+    fn open(&mut self, elements: u64, attribute: bool) -> Result<(), ReplyError> {
+        if let Some(top) = self.stack.last_mut() {
+            if elements == 1 && !attribute && !top.attribute {
+                top.run = top
+                    .run
+                    .checked_add(1)
+                    .ok_or(ReplyError::TooDeep(MAX_LEVELS))?;
+                return Ok(());
+            }
+        }
+        if self.stack.len() >= MAX_LEVELS {
+            return Err(ReplyError::TooDeep(MAX_LEVELS));
+        }
+        self.stack.push(Level {
+            left: elements,
+            run: 1,
+            attribute,
+        });
+        Ok(())
+    }
+
     /// One element is complete; returns the end boundary when that closes a top-level frame.
     fn element_done(&mut self, p: usize) -> Option<Boundary> {
+        self.capture = Capture::None;
         loop {
             let Some(top) = self.stack.last_mut() else {
                 self.in_frame = false;
                 return Some(Boundary::End {
                     at: p,
-                    push: self.push,
-                    head: self.head,
+                    frame: self.frame,
                 });
             };
-            top.0 -= 1;
-            if top.0 > 0 {
+            // The inner levels of a run had only this element left: they all close with it.
+            top.run = 1;
+            top.left -= 1;
+            if top.left > 0 {
                 return None;
             }
-            let (_, attribute) = self.stack.pop().expect("checked above");
-            if attribute {
+            let level = self.stack.pop().expect("checked above");
+            if level.attribute {
                 // The value the attribute describes is still to come in the same slot.
                 return None;
             }
@@ -264,11 +355,17 @@ impl ReplyFramer {
     }
 }
 
+/// The value of an integer line (`:3\r`), when it is one.
+fn parse_integer(line: &[u8]) -> Option<i64> {
+    let digits = line.strip_suffix(b"\r").unwrap_or(line);
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn boundaries(chunks: &[&[u8]]) -> Vec<(bool, Vec<u8>)> {
+    fn frames(chunks: &[&[u8]]) -> Vec<Frame> {
         let mut f = ReplyFramer::default();
         let mut out = Vec::new();
         for chunk in chunks {
@@ -277,9 +374,7 @@ mod tests {
                 let (next, b) = f.next(chunk, p).unwrap();
                 p = next;
                 match b {
-                    Some(Boundary::End { push, head, .. }) => {
-                        out.push((push, head.as_bytes().to_vec()))
-                    }
+                    Some(Boundary::End { frame, .. }) => out.push(frame),
                     Some(Boundary::Start { .. }) => {}
                     None => break,
                 }
@@ -288,24 +383,102 @@ mod tests {
         out
     }
 
-    #[test]
-    fn finds_reply_boundaries_across_chunks() {
-        let stream: &[u8] = b"+RESET\r\n*2\r\n$3\r\nfoo\r\n%1\r\n+a\r\n:1\r\n>2\r\n+x\r\n+y\r\n|1\r\n+k\r\n+v\r\n:5\r\n$-1\r\n*0\r\n";
-        let whole = boundaries(&[stream]);
-        assert_eq!(whole.len(), 6);
-        assert_eq!(whole[0], (false, b"+RESET\r".to_vec()));
-        assert!(!whole[1].0 && whole[2].0, "the push is flagged");
-        assert_eq!(
-            whole[3].1,
-            b":5\r".to_vec(),
-            "the attribute is a prefix of the integer"
-        );
+    /// Every way of splitting `stream` in two gives the same frames as the whole.
+    fn same_at_every_split(stream: &[u8]) -> Vec<Frame> {
+        let whole = frames(&[stream]);
         for split in 0..stream.len() {
             assert_eq!(
-                boundaries(&[&stream[..split], &stream[split..]]),
+                frames(&[&stream[..split], &stream[split..]]),
                 whole,
                 "split at {split}"
             );
         }
+        whole
+    }
+
+    #[test]
+    fn finds_reply_boundaries_across_chunks() {
+        let stream: &[u8] = b"+RESET\r\n*2\r\n$3\r\nfoo\r\n%1\r\n+a\r\n:1\r\n>2\r\n+x\r\n+y\r\n|1\r\n+k\r\n+v\r\n:5\r\n$-1\r\n*0\r\n";
+        let whole = same_at_every_split(stream);
+        assert_eq!(whole.len(), 6);
+        assert_eq!(whole[0].head.as_bytes(), b"+RESET\r");
+        assert!(!whole[1].push && whole[2].push, "the push is flagged");
+        assert_eq!(
+            whole[3].head.as_bytes(),
+            b":5\r",
+            "the attribute is a prefix of the integer"
+        );
+    }
+
+    #[test]
+    fn summarises_pubsub_frames() {
+        let stream: &[u8] = b"*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:12\r\n\
+>3\r\n$7\r\nmessage\r\n$1\r\na\r\n$5\r\nhello\r\n\
+*2\r\n$4\r\npong\r\n$0\r\n\r\n*3\r\n*1\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n";
+        let f = same_at_every_split(stream);
+        assert_eq!(f.len(), 4);
+        assert_eq!(
+            (f[0].elements, f[0].first.as_bytes()),
+            (3, &b"subscribe\r\n"[..])
+        );
+        assert_eq!(f[0].third, Some(12));
+        assert!(f[1].push);
+        assert_eq!(f[1].first.as_bytes(), b"message\r\n");
+        assert_eq!(f[1].third, None, "the third element is a bulk string");
+        assert_eq!(
+            (f[2].elements, f[2].first.as_bytes()),
+            (2, &b"pong\r\n"[..])
+        );
+        assert_eq!(
+            f[3].first.as_bytes(),
+            b"",
+            "a nested name is not the frame's first element"
+        );
+        assert_eq!(f[3].third, Some(1));
+    }
+
+    #[test]
+    fn follows_lua_nesting_thousands_deep_in_one_entry() {
+        // What `EVAL "local a = {}; local b = {a}; a[1] = b; return a" 0` makes Redis send.
+        let depth = 100_000;
+        let opening = b"*1\r\n".repeat(depth);
+        let mut f = ReplyFramer::default();
+        let (p, _) = f.next(&opening, 0).unwrap();
+        assert_eq!(f.next(&opening, p).unwrap(), (opening.len(), None));
+        assert_eq!(f.stack.len(), 1, "one stack entry for the whole run");
+        assert_eq!(f.stack[0].run as usize, depth);
+        let rest = b"-ERR reached lua stack limit\r\n+PONG\r\n";
+        let (p, b) = f.next(rest, 0).unwrap();
+        assert!(matches!(b, Some(Boundary::End { .. })));
+        let (_, b) = f.next(rest, p).unwrap();
+        assert!(matches!(b, Some(Boundary::Start { kind: b'+', .. })));
+    }
+
+    #[test]
+    fn nesting_with_siblings_is_bounded() {
+        let run = |stream: &[u8]| {
+            let mut f = ReplyFramer::default();
+            let mut p = 0;
+            loop {
+                match f.next(stream, p) {
+                    Ok((_, None)) => return Ok(()),
+                    Ok((next, _)) => p = next,
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        let mut stream = b"*2\r\n".repeat(MAX_LEVELS);
+        assert_eq!(run(&stream), Ok(()), "at the limit");
+        stream.extend_from_slice(b"*2\r\n");
+        assert_eq!(run(&stream), Err(ReplyError::TooDeep(MAX_LEVELS)));
+    }
+
+    #[test]
+    fn runs_close_level_by_level_when_siblings_follow() {
+        // [[[x]], y]: the run of one-element arrays ends inside a two-element one.
+        let stream: &[u8] = b"*2\r\n*1\r\n*1\r\n:1\r\n:2\r\n+OK\r\n*1\r\n*2\r\n*1\r\n:1\r\n:2\r\n";
+        let f = same_at_every_split(stream);
+        assert_eq!(f.len(), 3);
+        assert_eq!(f[1].head.as_bytes(), b"+OK\r");
     }
 }

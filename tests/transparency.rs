@@ -1,0 +1,358 @@
+//! Differences from a direct connection found by running third-party client suites through
+//! the ambassador, each against a real redis-server: deep replies, order across connections,
+//! re-authentication under CLIENT REPLY, local replies in pub/sub and MONITOR, the handshake
+//! after RESET, back-pressure on local replies, and QUIT.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use redis_protocol::resp3::types::OwnedFrame;
+use tokio::io::AsyncWriteExt;
+
+/// A Lua table that contains itself: Redis follows it until its Lua stack limit, sending
+/// thousands of nested one-element arrays and then the error.
+const SELF_NESTED: &str = "local a = {}; local b = {a}; a[1] = b; return a";
+
+#[tokio::test]
+async fn replies_nested_thousands_deep_pass_and_the_session_goes_on() {
+    let server = RedisServer::start(ServerAuth::app());
+    let amb = Ambassador::start(&server, NO_PROBES).await;
+    let script = command(&["EVAL", SELF_NESTED, "0"]);
+    let mut direct = server.direct().await;
+    let mut relayed = amb.connect().await;
+    let mut replies = Vec::new();
+    for c in [&mut direct, &mut relayed] {
+        c.send(&script).await;
+        c.send(&command(&["PING"])).await;
+        let mut bytes = Vec::new();
+        while !bytes.ends_with(b"+PONG\r\n") {
+            let more = c.read_bytes(1).await;
+            bytes.extend(more);
+            let take = c.buf.len();
+            bytes.extend(c.read_bytes(take).await);
+        }
+        replies.push(bytes);
+    }
+    assert!(replies[0].len() > 4 * 4000, "Redis nests thousands deep");
+    assert!(replies[0].ends_with(b"-ERR reached lua stack limit\r\n+PONG\r\n"));
+    assert!(replies[0] == replies[1], "byte for byte as Redis sends it");
+    assert_eq!(
+        relayed.cmd(&["ECHO", "still here"]).await,
+        bulk(b"still here")
+    );
+}
+
+/// A connection's upstream client id, asked through the connection itself.
+async fn client_id(c: &mut Raw) -> String {
+    match c.cmd(&["CLIENT", "ID"]).await {
+        OwnedFrame::Number { data, .. } => data.to_string(),
+        other => panic!("CLIENT ID: {other:?}"),
+    }
+}
+
+/// Rounds of (A: a command, B: a command that must run after it), written one after the
+/// other with no wait between, on keys and channels named with `prefix`; returns the rounds
+/// in which B's command ran first.
+async fn reorders(a: &mut Raw, b: &mut Raw, rounds: usize, prefix: &str) -> Vec<String> {
+    let a_id = client_id(a).await;
+    let mut reordered = Vec::new();
+    // A blocks on a stream key, then B turns the key into a string. Had SET run first, the
+    // read would fail at once with WRONGTYPE instead of blocking.
+    for i in 0..rounds {
+        let key = format!("{prefix}k{i}");
+        a.send(&command(&["XREAD", "BLOCK", "0", "STREAMS", &key, "$"]))
+            .await;
+        b.send(&command(&["SET", &key, "v"])).await;
+        assert_eq!(b.reply().await, simple("OK"));
+        let unblocked = b.cmd(&["CLIENT", "UNBLOCK", &a_id]).await;
+        let read = a.reply().await;
+        if unblocked != int(1) {
+            reordered.push(format!("xread {i}: {read:?}"));
+        }
+    }
+    // A subscribes, then B publishes: the message is delivered to A.
+    for i in 0..rounds {
+        let channel = format!("{prefix}c{i}");
+        a.send(&command(&["SUBSCRIBE", &channel])).await;
+        b.send(&command(&["PUBLISH", &channel, "m"])).await;
+        let receivers = b.reply().await;
+        let _confirmation = a.reply().await;
+        if receivers != int(1) {
+            reordered.push(format!("publish {i}: {receivers:?}"));
+        } else {
+            let _message = a.reply().await;
+        }
+    }
+    reordered
+}
+
+/// Commands written on two connections one after the other reach Redis in that order. Run on
+/// the real binary, whose runtime is the one under test.
+#[tokio::test]
+async fn commands_on_two_connections_reach_redis_in_the_order_they_were_sent() {
+    const ROUNDS: usize = 500;
+    let server = RedisServer::start(ServerAuth::app());
+    let dir = tempfile::tempdir().unwrap();
+    let bin = binary_for(&server, dir.path(), &[NO_PROBES_ENV]);
+    let started = Instant::now();
+    let mut a = Raw::connect(&bin.addr).await;
+    let mut b = Raw::connect(&bin.addr).await;
+    let relayed = reorders(&mut a, &mut b, ROUNDS, "relayed:").await;
+    let mut a = server.direct().await;
+    let mut b = server.direct().await;
+    let direct = reorders(&mut a, &mut b, ROUNDS, "direct:").await;
+    println!(
+        "{} pairs each in {:?}: {} reordered through the ambassador, {} directly",
+        2 * ROUNDS,
+        started.elapsed(),
+        relayed.len(),
+        direct.len()
+    );
+    // On two loaded cores the kernel itself now and then delivers the second write first (a
+    // sender moved between cores), directly as much as through the ambassador: only that
+    // is forgiven. The multi-thread runtime reordered 87 to 308 of these 1000.
+    assert!(
+        relayed.is_empty() || relayed.len() <= direct.len(),
+        "reordered through the ambassador: {relayed:?}; directly: {direct:?}"
+    );
+}
+
+/// A second ACL user, so that a rotation can be seen from Redis's side: the session's
+/// `ACL WHOAMI` changes only when the ambassador's AUTH really ran on that connection.
+const ROTATED_USER: &str = "app-rotated";
+const ROTATED_PASSWORD: &str = "rotated-secret-91";
+
+async fn rotating_ambassador(server: &RedisServer) -> (Ambassador, std::path::PathBuf) {
+    let mut admin = server.direct().await;
+    let setuser = admin
+        .cmd(&[
+            "ACL",
+            "SETUSER",
+            ROTATED_USER,
+            "on",
+            &format!(">{ROTATED_PASSWORD}"),
+            "~*",
+            "&*",
+            "+@all",
+        ])
+        .await;
+    assert_eq!(setuser, simple("OK"));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("credentials.toml");
+    std::fs::write(&file, server.auth.credential_file()).unwrap();
+    let profile = format!(
+        "[listen]\naddress = \"127.0.0.1:0\"\n[upstream]\naddress = \"{}\"\n[credentials]\nfile = \"{}\"\n{NO_PROBES}",
+        server.addr(),
+        file.display()
+    );
+    let config = load_config(dir.path(), &profile);
+    (Ambassador::with_config(config, dir).await, file)
+}
+
+/// Rotates to the second user and waits until the ambassador applied it and a new session
+/// was served with it (by then every open session has been told).
+async fn rotate(amb: &Ambassador, file: &std::path::Path) {
+    let tmp = file.with_extension("new");
+    std::fs::write(
+        &tmp,
+        format!("username = \"{ROTATED_USER}\"\npassword = \"{ROTATED_PASSWORD}\"\n"),
+    )
+    .unwrap();
+    std::fs::rename(&tmp, file).unwrap();
+    wait_until("the rotation is applied", DEADLINE, || async {
+        amb.metric("ambassador_credential_reloads_total", ("result", "applied"))
+            .await
+            == Some(1.0)
+    })
+    .await;
+    let mut fresh = amb.connect().await;
+    assert_eq!(
+        fresh.cmd(&["ACL", "WHOAMI"]).await,
+        bulk(ROTATED_USER.as_bytes())
+    );
+}
+
+/// Reads every reply until `last` arrives.
+async fn replies_until(c: &mut Raw, last: OwnedFrame) -> Vec<OwnedFrame> {
+    let mut out = Vec::new();
+    loop {
+        let f = c.reply().await;
+        let done = f == last;
+        out.push(f);
+        if done {
+            return out;
+        }
+    }
+}
+
+#[tokio::test]
+async fn reauthentication_waits_while_client_reply_silences_its_answer() {
+    let server = RedisServer::start(ServerAuth::app());
+    let (amb, file) = rotating_ambassador(&server).await;
+    let mut off = amb.connect().await;
+    let mut skip = amb.connect().await;
+    let mut switching = amb.connect().await;
+    off.send(&command(&["CLIENT", "REPLY", "OFF"])).await;
+    skip.send(&command(&["CLIENT", "REPLY", "SKIP"])).await;
+    // Every session has sent its last command before the rotation, and it was run.
+    for c in [&mut off, &mut skip] {
+        c.send(&command(&["SET", "before", "1"])).await;
+    }
+    assert_eq!(switching.cmd(&["PING"]).await, simple("PONG"));
+    let mut observer = server.direct().await;
+    let deadline = Instant::now() + DEADLINE;
+    while observer.cmd(&["DBSIZE"]).await != int(1) {
+        assert!(Instant::now() < deadline, "the SETs never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await; // polling interval
+    }
+    rotate(&amb, &file).await;
+
+    off.send(&command(&["CLIENT", "REPLY", "ON"])).await;
+    off.send(&command(&["PING"])).await;
+    assert_eq!(off.reply().await, simple("OK"), "CLIENT REPLY ON's own +OK");
+    assert_eq!(off.reply().await, simple("PONG"));
+
+    // SKIP was spent on SET before: both PINGs answer.
+    assert_eq!(skip.cmd(&["PING", "a"]).await, bulk(b"a"));
+
+    // A pipeline that switches modes around the pending re-authentication.
+    let mut batch = command(&["CLIENT", "REPLY", "OFF"]);
+    for c in [
+        &["SET", "k", "1"][..],
+        &["CLIENT", "REPLY", "ON"],
+        &["CLIENT", "REPLY", "SKIP"],
+        &["PING", "x"],
+        &["PING", "y"],
+    ] {
+        batch.extend(command(c));
+    }
+    switching.send(&batch).await;
+    let got = replies_until(&mut switching, bulk(b"y")).await;
+    assert_eq!(got, [simple("OK"), bulk(b"y")]);
+
+    for c in [&mut off, &mut skip, &mut switching] {
+        assert_eq!(
+            c.cmd(&["ACL", "WHOAMI"]).await,
+            bulk(ROTATED_USER.as_bytes()),
+            "the session re-authenticated, as Redis sees it"
+        );
+    }
+}
+
+#[tokio::test]
+async fn local_replies_keep_their_place_in_pubsub_and_monitor() {
+    let server = RedisServer::start(ServerAuth::app());
+    let amb = Ambassador::with_client_password(&server).await;
+    let mut sub = amb.connect().await;
+    assert_eq!(sub.cmd(&["AUTH", CLIENT_PASSWORD]).await, simple("OK"));
+    let mut batch = command(&["SUBSCRIBE", "a", "b"]);
+    batch.extend(command(&["AUTH", "wrong"]));
+    batch.extend(command(&["PING"]));
+    sub.send(&batch).await;
+    for channel in ["a", "b"] {
+        let confirmation = OwnedFrame::Array {
+            data: vec![
+                bulk(b"subscribe"),
+                bulk(channel.as_bytes()),
+                int(1 + i64::from(channel == "b")),
+            ],
+            attributes: None,
+        };
+        assert_eq!(sub.reply().await, confirmation);
+    }
+    assert!(error_text(&sub.reply().await).starts_with("WRONGPASS"));
+
+    let mut mon = amb.connect().await;
+    assert_eq!(mon.cmd(&["AUTH", CLIENT_PASSWORD]).await, simple("OK"));
+    let mut batch = command(&["MONITOR"]);
+    batch.extend(command(&["AUTH", "wrong"]));
+    mon.send(&batch).await;
+    assert_eq!(mon.reply().await, simple("OK"));
+    assert!(error_text(&mon.reply().await).starts_with("WRONGPASS"));
+}
+
+#[tokio::test]
+async fn a_refused_handshake_after_reset_closes_the_session() {
+    let server = RedisServer::start(ServerAuth::app());
+    let amb = Ambassador::start(&server, &format!("[handshake]\ndatabase = 3\n{NO_PROBES}")).await;
+    let mut c = amb.connect().await;
+    assert_eq!(c.cmd(&["SET", "where", "db3"]).await, simple("OK"));
+    let mut admin = server.direct().await;
+    assert_eq!(
+        admin.cmd(&["ACL", "SETUSER", USER, "-select"]).await,
+        simple("OK")
+    );
+    c.send(&command(&["RESET"])).await;
+    assert_eq!(c.reply().await, simple("RESET"));
+    let refused = error_text(&c.reply().await);
+    assert!(
+        refused.contains("ambassador") && refused.contains("SELECT"),
+        "{refused}"
+    );
+    assert_eq!(c.try_reply().await, None, "closed, not left on database 0");
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_stops_being_read() {
+    let server = RedisServer::start(ServerAuth::app());
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("client-password");
+    std::fs::write(&pw, format!("{CLIENT_PASSWORD}\n")).unwrap();
+    let bin = binary_for(
+        &server,
+        dir.path(),
+        &[
+            NO_PROBES_ENV,
+            (
+                "AMBASSADOR__LISTEN__REQUIRE_PASSWORD_FILE",
+                pw.to_str().unwrap(),
+            ),
+        ],
+    );
+    let before = proc_kib(bin.pid(), "VmRSS");
+    let mut c = Raw::connect(&bin.addr).await;
+    // Every PING is answered -NOAUTH by the ambassador itself; nothing is read. Writing goes
+    // on until the ambassador stops taking bytes for a second (or 4 s or 256 MiB pass).
+    let pings = b"*1\r\n$4\r\nPING\r\n".repeat(50_000);
+    let mut sent = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < deadline && sent < 256 << 20 {
+        let write = c.stream.write(&pings);
+        match tokio::time::timeout(Duration::from_secs(1), write).await {
+            Ok(Ok(n)) => sent += n,
+            Ok(Err(e)) => panic!("write: {e}"),
+            Err(_) => break,
+        }
+    }
+    let after = proc_kib(bin.pid(), "VmRSS");
+    println!(
+        "sent {} MiB without reading; RSS {before} -> {after} KiB",
+        sent >> 20
+    );
+    // Before the bound: 8 MiB taken in 3 s (debug build) and RSS +15 MiB, still growing.
+    assert!(after < before + 8 * 1024, "RSS {before} -> {after} KiB");
+}
+
+#[tokio::test]
+async fn a_client_leaving_after_quit_releases_the_upstream_connection() {
+    let server = RedisServer::start(ServerAuth::app());
+    let amb = Ambassador::start(&server, NO_PROBES).await;
+    let mut observer = server.direct().await;
+    let mut c = amb.connect().await;
+    assert_eq!(c.cmd(&["PING"]).await, simple("PONG"));
+    wait_for_clients(&mut observer, 2, DEADLINE, "the session's connection").await;
+    // QUIT waits behind a blocked pop that nothing will serve; the client gives up.
+    let mut batch = command(&["BLPOP", "nothing", "0"]);
+    batch.extend(command(&["QUIT"]));
+    c.send(&batch).await;
+    drop(c);
+    wait_for_clients(
+        &mut observer,
+        1,
+        DEADLINE,
+        "the upstream connection released",
+    )
+    .await;
+}
