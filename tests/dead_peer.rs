@@ -121,49 +121,103 @@ async fn a_command_in_flight_to_a_vanished_upstream_ends_with_the_connection_clo
 }
 
 #[tokio::test]
-async fn a_blocked_pop_on_a_healthy_upstream_outlives_the_dead_peer_timeout() {
-    let Some(ns) = Netns::create_or_skip("blocked pop, healthy upstream") else {
+async fn blocked_commands_on_a_healthy_upstream_outlive_the_dead_peer_timeout() {
+    let Some(ns) = Netns::create_or_skip("blocked commands, healthy upstream") else {
         return;
     };
     let server = RedisServer::start_in(&ns, ServerAuth::app());
     let amb = ambassador(&server, "127.0.0.1", "").await;
-    let mut client = amb.connect().await;
-    client
-        .send(&command(&["BLPOP", "deadpeer:list", "0"]))
-        .await;
-    wait_blocked_clients(&server, 1).await;
+    let mut pop = amb.connect().await;
+    pop.send(&command(&["BLPOP", "deadpeer:list", "0"])).await;
+    let mut read = amb.connect().await;
+    read.send(&command(&[
+        "XREAD",
+        "BLOCK",
+        "0",
+        "STREAMS",
+        "deadpeer:stream",
+        "$",
+    ]))
+    .await;
+    // No replica will ever acknowledge: WAIT 1 0 blocks until unblocked.
+    let mut wait = amb.connect().await;
+    wait.send(&command(&["WAIT", "1", "0"])).await;
+    wait_blocked_clients(&server, 3).await;
     let upstream = SocketAddrV4::new(ns.inner_addr, server.port);
-    // Once Redis acknowledged the BLPOP, nothing is outstanding and the keepalive timer runs.
+    // Once Redis acknowledged the commands, nothing is outstanding and keepalive timers run.
     wait_until(
-        "the ambassador's upstream connection idle with its keepalive timer running",
+        "the ambassador's three upstream connections idle with keepalive timers running",
         DEADLINE,
-        || async { keepalive_connections_to(upstream) == 1 },
+        || async { keepalive_connections_to(upstream) == 3 },
     )
     .await;
 
     // The condition under test is time passing: three dead-peer timeouts, with a keepalive
     // probe every second, answered by the upstream's kernel. Nothing may arrive meanwhile.
-    let mut byte = [0u8; 1];
-    let early = tokio::time::timeout(3 * DEAD_PEER_TIMEOUT, client.stream.read(&mut byte)).await;
+    let quiet = tokio::time::timeout(3 * DEAD_PEER_TIMEOUT, async {
+        let (mut a, mut b, mut c) = ([0u8; 1], [0u8; 1], [0u8; 1]);
+        tokio::select! {
+            r = pop.stream.read(&mut a) => ("BLPOP", r),
+            r = read.stream.read(&mut b) => ("XREAD", r),
+            r = wait.stream.read(&mut c) => ("WAIT", r),
+        }
+    })
+    .await;
     assert!(
-        early.is_err(),
-        "the blocked client was answered or cut: {early:?}"
+        quiet.is_err(),
+        "a blocked client was answered or cut: {quiet:?}"
     );
 
-    let mut pusher = server.direct().await;
-    assert_eq!(pusher.cmd(&["LPUSH", "deadpeer:list", "v"]).await, int(1));
+    let mut direct = server.direct().await;
+    assert_eq!(direct.cmd(&["LPUSH", "deadpeer:list", "v"]).await, int(1));
     assert_eq!(
-        client.reply().await,
-        OwnedFrame::Array {
-            data: vec![bulk(b"deadpeer:list"), bulk(b"v")],
-            attributes: None
-        }
+        pop.reply().await,
+        array(vec![bulk(b"deadpeer:list"), bulk(b"v")])
     );
+    let OwnedFrame::BlobString { data: id, .. } = direct
+        .cmd(&["XADD", "deadpeer:stream", "*", "f", "v"])
+        .await
+    else {
+        panic!("XADD answers the entry's id");
+    };
+    let entry = array(vec![bulk(&id), array(vec![bulk(b"f"), bulk(b"v")])]);
+    assert_eq!(
+        read.reply().await,
+        array(vec![array(vec![
+            bulk(b"deadpeer:stream"),
+            array(vec![entry])
+        ])])
+    );
+    let waiting = client_id_running(&mut direct, "wait").await;
+    assert_eq!(direct.cmd(&["CLIENT", "UNBLOCK", &waiting]).await, int(1));
+    assert_eq!(wait.reply().await, int(0));
     assert_eq!(
         amb.metric("ambassador_dead_peers_total", ("side", "upstream"))
             .await,
         None
     );
+}
+
+fn array(data: Vec<OwnedFrame>) -> OwnedFrame {
+    OwnedFrame::Array {
+        data,
+        attributes: None,
+    }
+}
+
+/// The id of the one client whose current command is `cmd`, from `CLIENT LIST`.
+async fn client_id_running(observer: &mut Raw, cmd: &str) -> String {
+    let OwnedFrame::BlobString { data, .. } = observer.cmd(&["CLIENT", "LIST"]).await else {
+        panic!("CLIENT LIST answers a bulk string");
+    };
+    let list = String::from_utf8_lossy(&data).into_owned();
+    let want = format!(" cmd={cmd} ");
+    list.lines()
+        .find(|l| l.contains(&want))
+        .and_then(|l| l.strip_prefix("id="))
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap_or_else(|| panic!("no client running {cmd} in:\n{list}"))
+        .to_owned()
 }
 
 #[tokio::test]
