@@ -18,6 +18,7 @@
 pub mod admin;
 pub mod config;
 pub mod credentials;
+pub mod dead_peer;
 pub mod filter;
 pub mod handshake;
 pub mod listener;
@@ -125,6 +126,7 @@ pub async fn run(
         listener,
         shared,
         config.listen.max_clients,
+        config.listen.dead_peer,
         stop.clone(),
         &tracker,
         kill.clone(),

@@ -10,6 +10,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::ListenAddress;
+use crate::dead_peer::DeadPeer;
 use crate::session::{self, Shared};
 
 /// The listen backlog; the kernel caps it at net.core.somaxconn.
@@ -65,11 +66,12 @@ impl Listener {
 }
 
 /// Accepts until `stop` fires. Each session runs in `tracker`; `kill` ends those still open
-/// when the drain time is over.
+/// when the drain time is over. TCP clients get `dead_peer`'s keepalive.
 pub async fn accept_loop(
     listener: Listener,
     shared: Arc<Shared>,
     max_clients: usize,
+    dead_peer: DeadPeer,
     stop: CancellationToken,
     tracker: &TaskTracker,
     kill: CancellationToken,
@@ -79,7 +81,7 @@ pub async fn accept_loop(
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
-            a = accept(&listener) => a,
+            a = accept(&listener, &dead_peer) => a,
         };
         let (stream, peer) = match accepted {
             Ok(a) => a,
@@ -125,11 +127,14 @@ enum Stream {
     Unix(tokio::net::UnixStream),
 }
 
-async fn accept(listener: &Listener) -> io::Result<(Stream, String)> {
+async fn accept(listener: &Listener, dead_peer: &DeadPeer) -> io::Result<(Stream, String)> {
     match listener {
         Listener::Tcp(l) => {
             let (s, peer) = l.accept().await?;
             let _ = s.set_nodelay(true);
+            if let Err(e) = dead_peer.apply(&s) {
+                tracing::warn!(client = %peer, error = %e, "cannot set keepalive");
+            }
             Ok((Stream::Tcp(s), peer.to_string()))
         }
         Listener::Unix(l) => {

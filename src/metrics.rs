@@ -32,6 +32,7 @@ pub struct Metrics {
     pub upstream_target: Family<Labels, Gauge>,
     pub session_reauth: Family<Labels, Counter>,
     pub tls_handshakes: Family<Labels, Counter>,
+    pub dead_peers: Family<Labels, Counter>,
     health: Health,
 }
 
@@ -73,6 +74,7 @@ impl Metrics {
             upstream_target: Family::default(),
             session_reauth: Family::default(),
             tls_handshakes: Family::default(),
+            dead_peers: Family::default(),
             health: Health {
                 started: Instant::now(),
                 last_ok_ms: AtomicU64::new(0),
@@ -142,6 +144,11 @@ impl Metrics {
             "TLS handshakes of client sessions' upstream connections, by kind (full or resumed)",
             m.tls_handshakes.clone(),
         );
+        r.register(
+            "dead_peers",
+            "Sessions closed because a peer vanished without a word (keepalive or TCP_USER_TIMEOUT), by side",
+            m.dead_peers.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -195,6 +202,13 @@ impl Metrics {
         let kind = if resumed { "resumed" } else { "full" };
         self.tls_handshakes
             .get_or_create(&labels(&[("kind", kind)]))
+            .inc();
+    }
+
+    /// A session ended because its `side` ("upstream" or "client") stopped answering.
+    pub fn dead_peer(&self, side: &str) {
+        self.dead_peers
+            .get_or_create(&labels(&[("side", side)]))
             .inc();
     }
 

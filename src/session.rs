@@ -1,5 +1,6 @@
 //! One client's life: connect upstream -> handshake -> relay, then one closing log line.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -8,9 +9,10 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::config::{Handshake, Upstream};
 use crate::credentials::{CredentialStore, DownstreamPassword};
+use crate::dead_peer;
 use crate::handshake::{self, HandshakeError};
 use crate::metrics::Metrics;
-use crate::relay::{self, Context};
+use crate::relay::{self, Context, RelayError};
 use crate::upstream;
 
 /// What every session shares: built once at start.
@@ -91,6 +93,11 @@ where
     };
     let (result, traffic) = relay::run(client, upstream, &ctx, BytesMut::new()).await;
     metrics.relayed(traffic.from_client, traffic.to_client);
+    if let Err(RelayError::Io { side, source }) = &result {
+        if dead_peer::vanished(source) {
+            peer_vanished(&shared, side, upstream_addr, source);
+        }
+    }
     let (reason, error) = match &result {
         Ok(reason) => (format!("{reason:?}"), None),
         Err(e) => ("Error".to_owned(), Some(e.to_string())),
@@ -105,6 +112,24 @@ where
         error,
         "session closed"
     );
+}
+
+/// The kernel gave up on a silent peer (keepalive or `TCP_USER_TIMEOUT`). The relay has
+/// ended, so the client's connection closes with no reply of ours: what happened to its
+/// pending commands is unknown, as with any broken connection.
+fn peer_vanished(
+    shared: &Shared,
+    side: &'static str,
+    upstream: SocketAddr,
+    error: &std::io::Error,
+) {
+    shared.metrics.dead_peer(side);
+    if side == "upstream" {
+        tracing::warn!(upstream = %upstream, error = %error, "upstream vanished: no answer to retransmissions or keepalive probes");
+        // Seam for discovery (SRV, Sentinel, several backends; not built yet): a vanished
+        // upstream is a reason to re-check the target at once rather than at the next TTL or
+        // poll, so that the client's reconnect goes to the new one.
+    }
 }
 
 /// Sends a final error reply and closes, letting the client read it first.

@@ -1,5 +1,6 @@
 //! Reaching the upstream: resolve the host again for every connection, connect and, with
-//! `[upstream.tls]`, run the TLS handshake, all within one `connect_timeout`. TCP_NODELAY on.
+//! `[upstream.tls]`, run the TLS handshake, all within one `connect_timeout`. TCP_NODELAY on,
+//! and `dead_peer_timeout` with keepalive, so a silently vanished upstream is noticed.
 
 use std::io;
 use std::net::SocketAddr;
@@ -14,6 +15,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::config::{HostPort, Upstream};
+use crate::dead_peer::DeadPeer;
 use crate::tls::{self, Tls, TlsFailure};
 
 /// The upstream could not be reached. The text is what the client sees after
@@ -155,7 +157,7 @@ pub async fn connect(upstream: &Upstream) -> Result<(Stream, SocketAddr), Connec
     let target = &upstream.address;
     let limit = upstream.connect_timeout;
     let attempt = async {
-        let (tcp, addr) = connect_tcp(target).await?;
+        let (tcp, addr) = connect_tcp(target, &upstream.dead_peer).await?;
         let stream = match &upstream.tls {
             None => Stream::Plain(tcp),
             Some(tls) => Stream::Tls(Box::new(handshake(tls, tcp, addr).await?)),
@@ -193,7 +195,10 @@ async fn handshake(
     Ok(stream)
 }
 
-async fn connect_tcp(target: &HostPort) -> Result<(TcpStream, SocketAddr), ConnectError> {
+async fn connect_tcp(
+    target: &HostPort,
+    dead_peer: &DeadPeer,
+) -> Result<(TcpStream, SocketAddr), ConnectError> {
     let address = target.to_string();
     let resolved = tokio::net::lookup_host((target.host.as_str(), target.port))
         .await
@@ -207,6 +212,9 @@ async fn connect_tcp(target: &HostPort) -> Result<(TcpStream, SocketAddr), Conne
             Ok(stream) => {
                 // Small replies must not wait for Nagle: the client is latency-bound.
                 let _ = stream.set_nodelay(true);
+                if let Err(e) = dead_peer.apply(&stream) {
+                    tracing::warn!(upstream = %addr, error = %e, "cannot set keepalive or TCP_USER_TIMEOUT");
+                }
                 return Ok((stream, addr));
             }
             Err(e) => {

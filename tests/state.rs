@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::time::Instant;
-
 use common::*;
 use redis_protocol::resp3::types::OwnedFrame;
 
@@ -84,26 +82,6 @@ fn info_field(info: &str, name: &str) -> String {
         .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
         .unwrap_or_else(|| panic!("no {name}= in {info}"))
         .to_owned()
-}
-
-/// Waits, within the deadline, until `INFO clients` on a direct connection reports `n`
-/// blocked clients.
-async fn wait_blocked_clients(server: &RedisServer, n: usize) {
-    let mut direct = server.direct().await;
-    let want = format!("blocked_clients:{n}\r");
-    let start = Instant::now();
-    loop {
-        let info = text(&direct.cmd(&["INFO", "clients"]).await);
-        if info.contains(&want) {
-            return;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "never saw {want:?} in INFO clients:\n{info}"
-        );
-        // Polling interval while waiting on the condition above, not synchronisation.
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
 }
 
 #[tokio::test]

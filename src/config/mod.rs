@@ -15,6 +15,7 @@ use config::{Environment, File, FileFormat, Value};
 use serde::Deserialize;
 
 use crate::credentials::{Credentials, DownstreamPassword};
+use crate::dead_peer::DeadPeer;
 use crate::tls::Tls;
 
 /// What `main` gathered from the process: the only inputs of [`Config::load`].
@@ -67,6 +68,8 @@ pub struct Listen {
     /// Close a session idle (no byte either way) this long; off by default, because a
     /// blocking pop may rightly wait forever.
     pub idle_timeout: Option<Duration>,
+    /// Keepalive on accepted TCP connections, so a vanished client releases its upstream one.
+    pub dead_peer: DeadPeer,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +92,8 @@ pub struct Upstream {
     pub address: HostPort,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
+    /// `TCP_USER_TIMEOUT` and keepalive on every upstream connection.
+    pub dead_peer: DeadPeer,
     pub expect: UpstreamExpect,
     /// `[upstream.tls]`, its client config already built: `None` is plain TCP.
     pub tls: Option<Tls>,

@@ -32,6 +32,8 @@ pub(super) struct RawListen {
     pub(super) require_password_file: Option<PathBuf>,
     #[serde(with = "humantime_serde")]
     pub(super) idle_timeout: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub(super) keepalive: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -45,6 +47,10 @@ pub(super) struct RawUpstream {
     pub(super) connect_timeout: Option<Duration>,
     #[serde(with = "humantime_serde")]
     pub(super) handshake_timeout: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub(super) dead_peer_timeout: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub(super) keepalive: Option<Duration>,
     pub(super) tls: Option<RawTls>,
     pub(super) expect: Option<UpstreamExpect>,
 }

@@ -9,6 +9,7 @@ use super::{
     Admin, Config, ConfigErrors, Handshake, HostPort, Listen, ListenAddress, LogFormat, Upstream,
 };
 use crate::credentials::{Credentials, DownstreamPassword};
+use crate::dead_peer::DeadPeer;
 use crate::tls::Tls;
 
 pub(super) fn validate(
@@ -87,11 +88,13 @@ fn listen(raw: RawListen, errors: &mut ConfigErrors) -> Option<Listen> {
     });
     // Zero means off, like leaving it out: a blocking pop may rightly wait forever.
     let idle_timeout = raw.idle_timeout.filter(|d| !d.is_zero());
+    let keepalive = keepalive(errors, "listen.keepalive", raw.keepalive);
     Some(Listen {
         address: address?,
         max_clients,
         password,
         idle_timeout,
+        dead_peer: DeadPeer::client(keepalive.unwrap_or(Duration::from_secs(15))),
     })
 }
 
@@ -133,10 +136,15 @@ fn upstream(raw: RawUpstream, errors: &mut ConfigErrors) -> Option<Upstream> {
         raw.handshake_timeout,
         3,
     );
+    let dead_peer = DeadPeer::upstream(
+        raw.dead_peer_timeout.unwrap_or(Duration::from_secs(15)),
+        keepalive(errors, "upstream.keepalive", raw.keepalive),
+    );
     Some(Upstream {
         address: address?,
         connect_timeout,
         handshake_timeout,
+        dead_peer,
         expect: raw.expect.unwrap_or_default(),
         tls,
     })
@@ -213,5 +221,17 @@ fn positive(
             default
         }
         Some(d) => d,
+    }
+}
+
+/// The kernel counts keepalive time in whole seconds, up to 32767 (`MAX_TCP_KEEPIDLE`); zero
+/// is off. A value it would refuse on every connection is refused here, once.
+fn keepalive(errors: &mut ConfigErrors, key: &str, value: Option<Duration>) -> Option<Duration> {
+    let d = value?;
+    if d.is_zero() || (d.subsec_nanos() == 0 && (1..=32767).contains(&d.as_secs())) {
+        Some(d)
+    } else {
+        errors.add(key, "must be 0 (off) or whole seconds from 1s to 32767s");
+        None
     }
 }

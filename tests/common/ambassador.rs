@@ -57,7 +57,13 @@ impl Ambassador {
     }
 
     pub async fn with_config(config: Config, dir: tempfile::TempDir) -> Ambassador {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::listening_on(config, dir, "127.0.0.1").await
+    }
+
+    /// [`with_config`](Self::with_config) with clients accepted on `ip` (a test namespace's
+    /// outer address), on an ephemeral port.
+    pub async fn listening_on(config: Config, dir: tempfile::TempDir, ip: &str) -> Ambassador {
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_addr = admin.local_addr().unwrap();

@@ -42,6 +42,11 @@ where
 /// The clients Redis has connected, `observer` included, from `INFO clients`: cheap even
 /// with thousands of connections, where `CLIENT LIST` would be megabytes per poll.
 pub async fn client_count(observer: &mut Raw) -> usize {
+    info_clients(observer, "connected_clients").await
+}
+
+/// A number from Redis's `INFO clients` (`connected_clients`, `blocked_clients`).
+pub async fn info_clients(observer: &mut Raw, field: &str) -> usize {
     let (OwnedFrame::BlobString { data, .. } | OwnedFrame::VerbatimString { data, .. }) =
         observer.cmd(&["INFO", "clients"]).await
     else {
@@ -49,9 +54,27 @@ pub async fn client_count(observer: &mut Raw) -> usize {
     };
     String::from_utf8_lossy(&data)
         .lines()
-        .find_map(|l| l.strip_prefix("connected_clients:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().parse().ok())
-        .expect("connected_clients in INFO")
+        .unwrap_or_else(|| panic!("{field} in INFO clients"))
+}
+
+/// Waits until `n` of `server`'s clients are blocked (BLPOP, XREAD BLOCK, WAIT).
+pub async fn wait_blocked_clients(server: &RedisServer, n: usize) {
+    let mut direct = server.direct().await;
+    let start = Instant::now();
+    loop {
+        let now = info_clients(&mut direct, "blocked_clients").await;
+        if now == n {
+            return;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "Redis has {now} blocked clients, never {n}"
+        );
+        // Polling interval while waiting on the condition above, not synchronisation.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Sends a signal to a process the test started (a redis-server, the binary), by PID.

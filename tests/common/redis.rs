@@ -47,6 +47,8 @@ impl ServerAuth {
 
 /// A real redis-server in a temp dir, killed on drop.
 pub struct RedisServer {
+    /// The address it listens on: loopback, or a test namespace's.
+    pub host: String,
     /// The plain port: readiness and direct connections.
     pub port: u16,
     /// The TLS port, when started with [`RedisServer::start_tls`].
@@ -62,7 +64,12 @@ impl RedisServer {
     }
 
     pub fn start_with(auth: ServerAuth, extra: &[&str]) -> RedisServer {
-        Self::launch(auth, extra, false)
+        Self::launch(auth, extra, false, None)
+    }
+
+    /// A server inside `ns`, listening on the namespace's address only.
+    pub fn start_in(ns: &Netns, auth: ServerAuth) -> RedisServer {
+        Self::launch(auth, &[], false, Some(ns))
     }
 
     /// A server that also listens with TLS on `tls_port`, presenting `tls.cert`. Readiness
@@ -88,10 +95,11 @@ impl RedisServer {
         ];
         args.extend(extra.iter().map(|a| a.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Self::launch(auth, &args, true)
+        Self::launch(auth, &args, true, None)
     }
 
-    fn launch(auth: ServerAuth, extra: &[&str], tls: bool) -> RedisServer {
+    fn launch(auth: ServerAuth, extra: &[&str], tls: bool, ns: Option<&Netns>) -> RedisServer {
+        let host = ns.map_or_else(|| "127.0.0.1".to_owned(), |ns| ns.inner_addr.to_string());
         let binary = require("redis-server");
         let mut dir = tempfile::tempdir().expect("temp dir");
         let mut last_log = String::new();
@@ -102,7 +110,7 @@ impl RedisServer {
                 "--port".into(),
                 port.to_string(),
                 "--bind".into(),
-                "127.0.0.1".into(),
+                host.clone(),
                 "--save".into(),
                 "".into(),
                 "--appendonly".into(),
@@ -128,13 +136,18 @@ impl RedisServer {
                 args.extend(["--tls-port".into(), p.to_string()]);
             }
             args.extend(extra.iter().map(|s| s.to_string()));
-            let child = Command::new(&binary)
+            let mut command = match ns {
+                Some(ns) => ns.command(&binary.display().to_string()),
+                None => Command::new(&binary),
+            };
+            let child = command
                 .args(&args)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("spawn redis-server");
             let mut server = RedisServer {
+                host: host.clone(),
                 port,
                 tls_port,
                 auth: auth.clone(),
@@ -164,7 +177,7 @@ impl RedisServer {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return false;
             }
-            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+            if let Ok(mut s) = std::net::TcpStream::connect((self.host.as_str(), self.port)) {
                 use std::io::{Read, Write};
                 let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
                 let mut req = self.auth.auth_command();
@@ -189,7 +202,7 @@ impl RedisServer {
     }
 
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.host, self.port)
     }
 
     /// `host:port` of the TLS listener.
