@@ -32,6 +32,7 @@ pub struct Metrics {
     pub upstream_target: Family<Labels, Gauge>,
     pub session_reauth: Family<Labels, Counter>,
     pub tls_handshakes: Family<Labels, Counter>,
+    sessions_closed: Family<Labels, Counter>,
     health: Health,
 }
 
@@ -73,6 +74,7 @@ impl Metrics {
             upstream_target: Family::default(),
             session_reauth: Family::default(),
             tls_handshakes: Family::default(),
+            sessions_closed: Family::default(),
             health: Health {
                 started: Instant::now(),
                 last_ok_ms: AtomicU64::new(0),
@@ -142,6 +144,11 @@ impl Metrics {
             "TLS handshakes of client sessions' upstream connections, by kind (full or resumed)",
             m.tls_handshakes.clone(),
         );
+        r.register(
+            "sessions_closed",
+            "Relayed sessions that ended, by the reason of their closing log line",
+            m.sessions_closed.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -195,6 +202,12 @@ impl Metrics {
         let kind = if resumed { "resumed" } else { "full" };
         self.tls_handshakes
             .get_or_create(&labels(&[("kind", kind)]))
+            .inc();
+    }
+
+    pub fn session_closed(&self, reason: &str) {
+        self.sessions_closed
+            .get_or_create(&labels(&[("reason", reason)]))
             .inc();
     }
 
