@@ -166,7 +166,7 @@ impl Tls {
 
     /// Reads the files again. `Ok(true)`: new connections use the new set; `Ok(false)`: the
     /// files hold the certificates already in use; `Err`: the last good set stays.
-    pub fn reload(&self) -> Result<bool, Vec<TlsConfigError>> {
+    fn reload(&self) -> Result<bool, Vec<TlsConfigError>> {
         let candidate = Loaded::read(&self.options)?;
         let mut loaded = self.loaded.write().unwrap_or_else(|e| e.into_inner());
         if candidate.certificates == loaded.certificates {
@@ -177,7 +177,7 @@ impl Tls {
     }
 
     /// The files a reload reads: the system's roots are not among them.
-    pub fn files(&self) -> Vec<&Path> {
+    fn files(&self) -> Vec<&Path> {
         [
             &self.options.ca_file,
             &self.options.client_cert_file,
@@ -191,7 +191,7 @@ impl Tls {
 
     /// When the certificates in use expire (the earliest `notAfter` of each file, in seconds
     /// since the Unix epoch), by the key of their file.
-    pub fn expiries(&self) -> Vec<(&'static str, i64)> {
+    fn expiries(&self) -> Vec<(&'static str, i64)> {
         let loaded = self.current();
         let ca = loaded.ca_expiry.as_ref().map(|e| ("ca_file", e.not_after));
         let client = (loaded.client_expiry.as_ref()).map(|e| ("client_cert_file", e.not_after));
