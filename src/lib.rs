@@ -6,7 +6,7 @@
 //! 1. [`listener`]: accept (TCP or unix socket), enforce `max_clients`, spawn a session.
 //! 2. [`session`]: connect upstream, handshake, relay, log one closing line.
 //! 3. [`upstream`]: resolve the host anew and connect (TCP, then TLS with the config [`tls`]
-//!    built at start) within `connect_timeout`.
+//!    built at start and rebuilt when its files change) within `connect_timeout`.
 //! 4. [`handshake`]: the ambassador's own AUTH / CLIENT SETNAME / SELECT, within a limit.
 //! 5. [`relay`]: both directions; client commands framed by [`resp`] and judged by [`filter`].
 //!
@@ -118,6 +118,14 @@ pub async fn run(
         }
         .run(background.clone()),
     );
+
+    if let Some(tls) = &config.upstream.tls {
+        helpers.spawn(tls::watch(
+            tls.clone(),
+            Arc::clone(&metrics),
+            background.clone(),
+        ));
+    }
 
     let stop = CancellationToken::new();
     let kill = CancellationToken::new();

@@ -33,6 +33,12 @@ pub struct Metrics {
     pub session_reauth: Family<Labels, Counter>,
     pub tls_handshakes: Family<Labels, Counter>,
     pub dead_peers: Family<Labels, Counter>,
+    sessions_closed: Family<Labels, Counter>,
+    tls_reloads: Family<Labels, Counter>,
+    /// `notAfter` of the TLS certificates in use (seconds since the epoch), by file; the
+    /// gauge below is derived from it at every render.
+    tls_not_after: Mutex<Vec<(&'static str, i64)>>,
+    tls_expiry: Family<Labels, Gauge>,
     health: Health,
 }
 
@@ -75,6 +81,10 @@ impl Metrics {
             session_reauth: Family::default(),
             tls_handshakes: Family::default(),
             dead_peers: Family::default(),
+            sessions_closed: Family::default(),
+            tls_reloads: Family::default(),
+            tls_not_after: Mutex::new(Vec::new()),
+            tls_expiry: Family::default(),
             health: Health {
                 started: Instant::now(),
                 last_ok_ms: AtomicU64::new(0),
@@ -149,6 +159,21 @@ impl Metrics {
             "Sessions closed because a peer vanished without a word (keepalive or TCP_USER_TIMEOUT), by side",
             m.dead_peers.clone(),
         );
+        r.register(
+            "sessions_closed",
+            "Relayed sessions that ended, by the reason of their closing log line",
+            m.sessions_closed.clone(),
+        );
+        r.register(
+            "upstream_tls_reloads",
+            "Reloads of the TLS files after they changed, by result (applied or invalid)",
+            m.tls_reloads.clone(),
+        );
+        r.register(
+            "upstream_tls_certificate_expiry_seconds",
+            "Seconds until the earliest notAfter of the certificates in use, by file (ca_file, client_cert_file)",
+            m.tls_expiry.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -156,6 +181,16 @@ impl Metrics {
     pub fn render(&self) -> String {
         let loaded = self.credential_loaded_at.load(Ordering::Relaxed);
         self.credential_age.set((now_secs() - loaded).max(0) as f64);
+        for (file, not_after) in self
+            .tls_not_after
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            self.tls_expiry
+                .get_or_create(&labels(&[("file", file)]))
+                .set(not_after - now_secs());
+        }
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
@@ -210,6 +245,23 @@ impl Metrics {
         self.dead_peers
             .get_or_create(&labels(&[("side", side)]))
             .inc();
+    }
+
+    pub fn session_closed(&self, reason: &str) {
+        self.sessions_closed
+            .get_or_create(&labels(&[("reason", reason)]))
+            .inc();
+    }
+
+    pub fn tls_reloaded(&self, result: &str) {
+        self.tls_reloads
+            .get_or_create(&labels(&[("result", result)]))
+            .inc();
+    }
+
+    /// The TLS certificates now in use expire at these times (seconds since the epoch).
+    pub fn set_tls_expiry(&self, not_after: &[(&'static str, i64)]) {
+        *self.tls_not_after.lock().unwrap_or_else(|e| e.into_inner()) = not_after.to_vec();
     }
 
     pub fn set_target(&self, address: &str) {

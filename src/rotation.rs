@@ -5,7 +5,8 @@
 //! The file's folder is watched rather than the file: Kubernetes updates a mounted Secret by
 //! swapping a `..data` symlink, and editors replace a file by renaming a new one over it;
 //! neither touches the inode a file watch would hold. Every event in the folder triggers a
-//! re-read, and a content comparison decides whether anything changed.
+//! re-read, and a content comparison decides whether anything changed. [`Changes`] is that
+//! watch; the TLS files are watched with it too ([`crate::tls::watch`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -41,11 +42,8 @@ impl Reloader {
     /// Watches until `stop`. Errors setting up the watch are logged; the process keeps
     /// serving with the credentials it has.
     pub async fn run(self, stop: CancellationToken) {
-        let (tx, mut events) = mpsc::unbounded_channel();
-        // The watcher calls back on its own thread; the channel brings events here. Dropping
-        // the watcher (when this function returns) ends the callbacks.
-        let _watcher = match watch_folder(&self.path, tx) {
-            Ok(w) => w,
+        let mut changes = match Changes::watch(&[&self.path]) {
+            Ok(c) => c,
             Err(e) => {
                 tracing::error!(file = %self.path.display(), error = %e, "cannot watch the credential file; rotation disabled");
                 return;
@@ -68,13 +66,11 @@ impl Reloader {
             };
             tokio::select! {
                 _ = stop.cancelled() => return,
-                event = events.recv() => {
-                    if event.is_none() {
+                event = changes.recv() => {
+                    if !event {
                         return;
                     }
-                    // Let the rest of a swap land, then read once.
-                    tokio::time::sleep(SETTLE).await;
-                    while events.try_recv().is_ok() {}
+                    changes.settle().await;
                     pending = self.read_changed();
                     retry = Duration::from_secs(1);
                 }
@@ -123,20 +119,52 @@ impl Reloader {
     }
 }
 
-fn watch_folder(
-    file: &Path,
-    tx: mpsc::UnboundedSender<()>,
-) -> notify::Result<notify::RecommendedWatcher> {
-    use notify::Watcher;
-    let folder = match file.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
-            let _ = tx.send(());
+/// Changes in the folders of some files. The watcher calls back on its own thread; the
+/// channel brings its events to the task; dropping this ends the callbacks.
+pub(crate) struct Changes {
+    events: mpsc::UnboundedReceiver<()>,
+    _watcher: notify::RecommendedWatcher,
+}
+
+impl Changes {
+    /// Watches the folder of each of `files`.
+    pub(crate) fn watch(files: &[&Path]) -> notify::Result<Changes> {
+        use notify::Watcher;
+        let (tx, events) = mpsc::unbounded_channel();
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if event.is_ok() {
+                    let _ = tx.send(());
+                }
+            })?;
+        let mut folders: Vec<PathBuf> = files
+            .iter()
+            .map(|file| match file.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+                _ => PathBuf::from("."),
+            })
+            .collect();
+        folders.sort();
+        folders.dedup();
+        for folder in &folders {
+            watcher.watch(folder, notify::RecursiveMode::NonRecursive)?;
         }
-    })?;
-    watcher.watch(&folder, notify::RecursiveMode::NonRecursive)?;
-    Ok(watcher)
+        Ok(Changes {
+            events,
+            _watcher: watcher,
+        })
+    }
+
+    /// Waits for an event; `false` when the watcher is gone. Cancel-safe: a `select!` may
+    /// drop it without losing an event.
+    pub(crate) async fn recv(&mut self) -> bool {
+        self.events.recv().await.is_some()
+    }
+
+    /// Lets the rest of a swap land (it is several renames) and drops the events it made,
+    /// so that the files are read once per change.
+    pub(crate) async fn settle(&mut self) {
+        tokio::time::sleep(SETTLE).await;
+        while self.events.try_recv().is_ok() {}
+    }
 }

@@ -102,6 +102,7 @@ where
         Ok(reason) => (format!("{reason:?}"), None),
         Err(e) => ("Error".to_owned(), Some(e.to_string())),
     };
+    metrics.session_closed(&reason);
     tracing::info!(
         upstream = %upstream_addr,
         duration_ms = started.elapsed().as_millis() as u64,

@@ -1,5 +1,6 @@
-//! TLS toward the upstream: `[upstream.tls]` -> one rustls `ClientConfig`, built once at start
-//! and shared by every connection (so sessions can also be resumed across connections).
+//! TLS toward the upstream: `[upstream.tls]` -> one rustls `ClientConfig` shared by every new
+//! connection (so sessions can also be resumed across connections), rebuilt when the files
+//! it was made from change. [`files`] reads and checks them; [`reload`] watches them;
 //! [`failure`] turns a failed handshake into the short reason a client sees.
 //!
 //! rustls runs on the `ring` provider, TLS 1.3 and 1.2. Without `ca_file` the system's roots
@@ -7,23 +8,25 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::Resumption;
 use rustls::crypto::{self, CryptoProvider};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct};
 use rustls::{RootCertStore, SignatureScheme};
 use thiserror::Error;
 
-use crate::credentials;
-
 mod failure;
+mod files;
+mod reload;
 mod sessions;
 
 pub use failure::{classify, classify_handshake, describe, TlsFailure};
+use files::Expiry;
+pub use reload::watch;
 
 /// `[upstream.tls]` as written, before any file is read.
 #[derive(Debug, Default, Clone)]
@@ -35,15 +38,35 @@ pub struct TlsOptions {
     pub insecure_skip_verify: bool,
 }
 
-/// A usable TLS setting: the shared client config and the name every connection verifies.
+/// A usable TLS setting: the name every connection verifies, and the client config new
+/// connections use. Clones share that config, and see a reload at once.
 #[derive(Debug, Clone)]
 pub struct Tls {
-    pub config: Arc<ClientConfig>,
     pub server_name: ServerName<'static>,
-    /// What is trusted, for the summary: a CA file, the system roots, or nothing.
-    pub trust: String,
-    pub client_cert_file: Option<PathBuf>,
     pub insecure_skip_verify: bool,
+    options: TlsOptions,
+    /// The last good set. Only [`Tls::reload`] replaces it; a connection takes the config
+    /// once, before its handshake, and keeps it for its life.
+    loaded: Arc<RwLock<Arc<Loaded>>>,
+}
+
+/// One set of files, read, checked and turned into a client config.
+struct Loaded {
+    config: Arc<ClientConfig>,
+    trust: String,
+    ca_expiry: Option<Expiry>,
+    client_expiry: Option<Expiry>,
+    certificates: Vec<CertificateDer<'static>>,
+}
+
+impl std::fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loaded")
+            .field("trust", &self.trust)
+            .field("ca_expiry", &self.ca_expiry)
+            .field("client_expiry", &self.client_expiry)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A `[upstream.tls]` key that cannot be used. Never quotes a private key's content.
@@ -63,6 +86,12 @@ pub enum TlsConfigError {
     },
     #[error("no certificate in {path}")]
     NoCertificate { key: &'static str, path: PathBuf },
+    #[error("{path}: not an X.509 certificate: {reason}")]
+    BadCertificate {
+        key: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("{path}: not a usable CA certificate: {reason}")]
     BadCa { path: PathBuf, reason: String },
     #[error("no PEM private key in {path} (PKCS#8, PKCS#1 or SEC1 expected)")]
@@ -84,6 +113,7 @@ impl TlsConfigError {
             TlsConfigError::Read { key, .. }
             | TlsConfigError::BadPem { key, .. }
             | TlsConfigError::NoCertificate { key, .. }
+            | TlsConfigError::BadCertificate { key, .. }
             | TlsConfigError::HalfClientAuth { key } => key,
             TlsConfigError::BadCa { .. } | TlsConfigError::NoSystemRoots => "upstream.tls.ca_file",
             TlsConfigError::NoKey { .. } | TlsConfigError::KeyMismatch { .. } => {
@@ -106,51 +136,95 @@ impl Tls {
     /// problem. `host` is the upstream's host, the default server name (`None` when the
     /// address itself is invalid, which is reported elsewhere).
     pub fn build(options: &TlsOptions, host: Option<&str>) -> Result<Tls, Vec<TlsConfigError>> {
-        let mut errors = Vec::new();
-        let server_name = server_name(options.server_name.as_deref(), host)
-            .map_err(|e| errors.push(e))
-            .ok();
-        let insecure = options.insecure_skip_verify;
-        // A CA file is read even when verification is off, so that a typo in it does not wait
-        // for the day verification is turned back on.
-        let roots = match &options.ca_file {
-            Some(path) => ca_file(path).map_err(|e| errors.push(e)).ok(),
-            None if insecure => Some((RootCertStore::empty(), String::new())),
-            None => system_roots().map_err(|e| errors.push(e)).ok(),
+        let name = server_name(options.server_name.as_deref(), host);
+        let loaded = Loaded::read(options);
+        let (server_name, loaded) = match (name, loaded) {
+            (Ok(name), Ok(loaded)) => (name, loaded),
+            (name, loaded) => {
+                let mut errors: Vec<_> = name.err().into_iter().collect();
+                errors.extend(loaded.err().into_iter().flatten());
+                return Err(errors);
+            }
         };
-        let client_auth = client_auth(options).map_err(|e| errors.extend(e)).ok();
-        // Each part is None exactly when it recorded an error.
-        let (Some(server_name), Some((roots, trust)), Some(client_auth)) =
-            (server_name, roots, client_auth)
-        else {
-            return Err(errors);
-        };
-        let trust = if insecure {
-            "nothing (insecure_skip_verify)".to_owned()
-        } else {
-            trust
-        };
-        let config = client_config(roots, client_auth, insecure).map_err(|e| vec![e])?;
         Ok(Tls {
-            config: Arc::new(config),
             server_name,
-            trust,
-            client_cert_file: options.client_cert_file.clone(),
-            insecure_skip_verify: insecure,
+            insecure_skip_verify: options.insecure_skip_verify,
+            options: options.clone(),
+            loaded: Arc::new(RwLock::new(Arc::new(loaded))),
         })
     }
-}
 
-impl Tls {
-    /// One line for `--check`, plus the insecure warning on its own line when it applies.
+    /// The client config for a new connection.
+    pub fn client_config(&self) -> Arc<ClientConfig> {
+        Arc::clone(&self.current().config)
+    }
+
+    fn current(&self) -> Arc<Loaded> {
+        // Replacing an Arc cannot leave the lock's content half-changed.
+        Arc::clone(&self.loaded.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Reads the files again. `Ok(true)`: new connections use the new set; `Ok(false)`: the
+    /// files hold the certificates already in use; `Err`: the last good set stays.
+    fn reload(&self) -> Result<bool, Vec<TlsConfigError>> {
+        let candidate = Loaded::read(&self.options)?;
+        let mut loaded = self.loaded.write().unwrap_or_else(|e| e.into_inner());
+        if candidate.certificates == loaded.certificates {
+            return Ok(false);
+        }
+        *loaded = Arc::new(candidate);
+        Ok(true)
+    }
+
+    /// The files a reload reads: the system's roots are not among them.
+    fn files(&self) -> Vec<&Path> {
+        [
+            &self.options.ca_file,
+            &self.options.client_cert_file,
+            &self.options.client_key_file,
+        ]
+        .into_iter()
+        .flatten()
+        .map(PathBuf::as_path)
+        .collect()
+    }
+
+    /// When the certificates in use expire (the earliest `notAfter` of each file, in seconds
+    /// since the Unix epoch), by the key of their file.
+    fn expiries(&self) -> Vec<(&'static str, i64)> {
+        let loaded = self.current();
+        let ca = loaded.ca_expiry.as_ref().map(|e| ("ca_file", e.not_after));
+        let client = (loaded.client_expiry.as_ref()).map(|e| ("client_cert_file", e.not_after));
+        ca.into_iter().chain(client).collect()
+    }
+
+    /// One line for `--check` and the reload log, plus the insecure warning on its own line
+    /// when it applies.
     pub fn summary(&self) -> String {
+        let loaded = self.current();
+        let trust = if self.insecure_skip_verify {
+            "nothing (insecure_skip_verify)".to_owned()
+        } else {
+            loaded.trust.clone()
+        };
         let mut s = format!(
-            "upstream tls: server name {:?}, trusting {}",
+            "upstream tls: server name {:?}, trusting {trust}",
             self.server_name.to_str(),
-            self.trust
         );
-        if let Some(cert) = &self.client_cert_file {
-            s.push_str(&format!(", client certificate {}", cert.display()));
+        if let Some(expiry) = loaded
+            .ca_expiry
+            .as_ref()
+            .filter(|_| !self.insecure_skip_verify)
+        {
+            s.push_str(&format!(", CA {}", expires(expiry)));
+        }
+        if let (Some(cert), Some(expiry)) = (&self.options.client_cert_file, &loaded.client_expiry)
+        {
+            s.push_str(&format!(
+                ", client certificate {} {}",
+                cert.display(),
+                expires(expiry)
+            ));
         }
         if self.insecure_skip_verify {
             s.push_str(&format!("\n{INSECURE_WARNING}"));
@@ -159,10 +233,35 @@ impl Tls {
     }
 }
 
-type ClientAuth = Option<(
-    Vec<CertificateDer<'static>>,
-    rustls::pki_types::PrivateKeyDer<'static>,
-)>;
+/// "expires <date> (in N days)", or "expired <date> (N days ago)".
+fn expires(expiry: &Expiry) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let days = (expiry.not_after - now) / 86_400;
+    if expiry.not_after >= now {
+        format!("expires {} (in {days} days)", expiry.text)
+    } else {
+        format!("expired {} ({} days ago)", expiry.text, -days)
+    }
+}
+
+impl Loaded {
+    fn read(options: &TlsOptions) -> Result<Loaded, Vec<TlsConfigError>> {
+        let files = files::read(options)?;
+        let config = client_config(files.roots, files.client_auth, options.insecure_skip_verify)
+            .map_err(|e| vec![e])?;
+        Ok(Loaded {
+            config: Arc::new(config),
+            trust: files.trust,
+            ca_expiry: files.ca_expiry,
+            client_expiry: files.client_expiry,
+            certificates: files.certificates,
+        })
+    }
+}
+
+type ClientAuth = Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>;
 
 fn client_config(
     roots: RootCertStore,
@@ -189,6 +288,8 @@ fn client_config(
                 }
             })?,
         };
+    // Every config has its own store: a resumed session skips certificate verification, so
+    // a session from before a reload must not carry the old trust into new connections.
     config.resumption = Resumption::store(Arc::new(sessions::SessionStore::default()));
     Ok(config)
 }
@@ -207,94 +308,6 @@ fn server_name(
         name: name.to_owned(),
         hint,
     })
-}
-
-/// Every certificate of a PEM file, at least one.
-pub fn certificates(
-    key: &'static str,
-    path: &Path,
-) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
-    let pem_error = |e: rustls::pki_types::pem::Error| match e {
-        rustls::pki_types::pem::Error::Io(source) => TlsConfigError::Read {
-            key,
-            path: path.to_owned(),
-            source,
-        },
-        other => TlsConfigError::BadPem {
-            key,
-            path: path.to_owned(),
-            reason: other.to_string(),
-        },
-    };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(pem_error)?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(pem_error)?;
-    if certs.is_empty() {
-        return Err(TlsConfigError::NoCertificate {
-            key,
-            path: path.to_owned(),
-        });
-    }
-    Ok(certs)
-}
-
-fn ca_file(path: &Path) -> Result<(RootCertStore, String), TlsConfigError> {
-    let mut roots = RootCertStore::empty();
-    for cert in certificates(CA_FILE, path)? {
-        roots.add(cert).map_err(|e| TlsConfigError::BadCa {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })?;
-    }
-    let trust = format!("{} ({})", path.display(), count(roots.len()));
-    Ok((roots, trust))
-}
-
-fn count(n: usize) -> String {
-    match n {
-        1 => "1 CA certificate".to_owned(),
-        n => format!("{n} CA certificates"),
-    }
-}
-
-fn system_roots() -> Result<(RootCertStore, String), TlsConfigError> {
-    // Unreadable entries of the system store are skipped; only an empty result is fatal.
-    let found = rustls_native_certs::load_native_certs();
-    let mut roots = RootCertStore::empty();
-    roots.add_parsable_certificates(found.certs);
-    if roots.is_empty() {
-        return Err(TlsConfigError::NoSystemRoots);
-    }
-    let trust = format!("the system's roots ({})", count(roots.len()));
-    Ok((roots, trust))
-}
-
-fn client_auth(options: &TlsOptions) -> Result<ClientAuth, Vec<TlsConfigError>> {
-    match (&options.client_cert_file, &options.client_key_file) {
-        (None, None) => Ok(None),
-        (Some(_), None) => Err(vec![TlsConfigError::HalfClientAuth {
-            key: CLIENT_KEY_FILE,
-        }]),
-        (None, Some(_)) => Err(vec![TlsConfigError::HalfClientAuth {
-            key: CLIENT_CERT_FILE,
-        }]),
-        (Some(cert), Some(key)) => {
-            let chain = certificates(CLIENT_CERT_FILE, cert);
-            let key = credentials::load_tls_key(key).map_err(|e| match e {
-                credentials::TlsKeyError::Read { path, source } => TlsConfigError::Read {
-                    key: CLIENT_KEY_FILE,
-                    path,
-                    source,
-                },
-                credentials::TlsKeyError::NoKey { path } => TlsConfigError::NoKey { path },
-            });
-            match (chain, key) {
-                (Ok(chain), Ok(key)) => Ok(Some((chain, key))),
-                (chain, key) => Err(chain.err().into_iter().chain(key.err()).collect()),
-            }
-        }
-    }
 }
 
 /// `insecure_skip_verify`: any certificate for any name is accepted. The handshake signature
@@ -336,5 +349,30 @@ impl ServerCertVerifier for AcceptAnyCertificate {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_expiry_reads_as_days_to_go_or_days_past() {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let at = |not_after| Expiry {
+            not_after,
+            text: "then".to_owned(),
+        };
+        assert_eq!(
+            expires(&at(now + 10 * 86_400 + 60)),
+            "expires then (in 10 days)"
+        );
+        assert_eq!(
+            expires(&at(now - 3 * 86_400 - 60)),
+            "expired then (3 days ago)"
+        );
     }
 }

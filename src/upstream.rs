@@ -178,7 +178,7 @@ async fn handshake(
     tcp: TcpStream,
     addr: SocketAddr,
 ) -> Result<TlsStream<TcpStream>, ConnectError> {
-    let stream = TlsConnector::from(tls.config.clone())
+    let stream = TlsConnector::from(tls.client_config())
         .connect(tls.server_name.clone(), tcp)
         .await
         .map_err(|e| ConnectError::Tls {

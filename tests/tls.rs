@@ -368,6 +368,11 @@ async fn check_prints_the_tls_version_and_the_peer_certificate() {
         stdout.contains("upstream tls: server name \"127.0.0.1\""),
         "{stdout}"
     );
+    // When the CA file's certificate expires: the test CA's notAfter is 1 January 2040.
+    assert!(
+        stdout.contains("(1 CA certificate), CA expires Jan  1 00:00:00 2040 +00:00 (in "),
+        "{stdout}"
+    );
     assert!(stdout.contains("tls: TLS 1.3\n"), "{stdout}");
     assert!(
         stdout.contains("peer certificate: CN=localhost, O=redis-ambassador tests"),

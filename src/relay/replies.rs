@@ -2,6 +2,7 @@
 //! boundaries (local replies in order, swallowed replies to the ambassador's own commands).
 
 use std::collections::VecDeque;
+use std::io::ErrorKind;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::BytesMut;
@@ -98,7 +99,7 @@ where
                     self.expectations.take_into(&mut self.queue);
                 }
                 n = self.upstream.read_buf(&mut chunk) => {
-                    if n.map_err(io_err("upstream"))? == 0 {
+                    if self.upstream_ended(n)? {
                         return Ok(Close::UpstreamClosed);
                     }
                     self.activity.touch();
@@ -109,6 +110,19 @@ where
                     }
                 }
             }
+        }
+    }
+
+    /// Whether a read from the upstream found its end. Redis sends no TLS `close_notify`
+    /// when it closes after the client did (nor can a killed or crashed server), so over TLS
+    /// such a close reads as rustls' `UnexpectedEof`. Replies delimit themselves: between two
+    /// of them nothing was cut off, and the close is the one plain TCP would report. Inside
+    /// a reply, the reply is truncated and that stays an error.
+    fn upstream_ended(&self, read: std::io::Result<usize>) -> Result<bool, RelayError> {
+        match read {
+            Ok(n) => Ok(n == 0),
+            Err(e) if e.kind() == ErrorKind::UnexpectedEof && self.framer.at_boundary() => Ok(true),
+            Err(e) => Err(io_err("upstream")(e)),
         }
     }
 

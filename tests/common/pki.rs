@@ -1,5 +1,6 @@
 //! Certificates made fresh for each test with rcgen: a CA, a server certificate for
-//! `localhost` and 127.0.0.1, an expired one, a client certificate, and an unrelated CA.
+//! `localhost` and 127.0.0.1, an expired one, a client certificate, and an unrelated CA with a
+//! server and a client certificate of its own.
 
 use std::path::{Path, PathBuf};
 
@@ -12,8 +13,12 @@ use rcgen::{
 pub struct Pki {
     pub dir: tempfile::TempDir,
     pub ca: PathBuf,
-    /// A CA that signed nothing the servers present.
+    /// A CA that signed nothing the servers present at start.
     pub other_ca: PathBuf,
+    /// Same names as `server_cert`, from `other_ca`: what a server presents after its CA
+    /// was rotated.
+    pub other_server_cert: PathBuf,
+    pub other_server_key: PathBuf,
     /// `other_ca` then `ca` in one file.
     pub bundle: PathBuf,
     pub server_cert: PathBuf,
@@ -28,13 +33,26 @@ pub struct Pki {
     pub stranger_key: PathBuf,
 }
 
+/// When the CAs and the client certificates expire (1 January of these years), so that tests
+/// can tell which of them is loaded.
+pub const CA_EXPIRES: i32 = 2040;
+pub const OTHER_CA_EXPIRES: i32 = 2045;
+pub const CLIENT_EXPIRES: i32 = 2041;
+pub const STRANGER_EXPIRES: i32 = 2046;
+
+/// 1 January of `year`, in seconds since the Unix epoch.
+pub fn new_year(year: i32) -> i64 {
+    rcgen::date_time_ymd(year, 1, 1).unix_timestamp()
+}
+
 struct Ca {
     cert: Certificate,
     key: KeyPair,
 }
 
-fn ca(name: &str) -> Ca {
+fn ca(name: &str, expires: i32) -> Ca {
     let mut params = CertificateParams::default();
+    params.not_after = rcgen::date_time_ymd(expires, 1, 1);
     params.distinguished_name.push(DnType::CommonName, name);
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
@@ -71,24 +89,31 @@ impl Pki {
     pub fn new() -> Pki {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let ca = self::ca("redis-ambassador test CA");
-        let other = self::ca("unrelated CA");
+        let ca = self::ca("redis-ambassador test CA", CA_EXPIRES);
+        let other = self::ca("unrelated CA", OTHER_CA_EXPIRES);
 
         let names = ["localhost", "127.0.0.1"];
         let (params, server_key) = leaf(&names, "localhost", ExtendedKeyUsagePurpose::ServerAuth);
         let server = params.signed_by(&server_key, &ca.cert, &ca.key).unwrap();
+        let (params, other_server_key) =
+            leaf(&names, "localhost", ExtendedKeyUsagePurpose::ServerAuth);
+        let other_server = params
+            .signed_by(&other_server_key, &other.cert, &other.key)
+            .unwrap();
         let (mut params, expired_key) =
             leaf(&names, "localhost", ExtendedKeyUsagePurpose::ServerAuth);
         params.not_before = rcgen::date_time_ymd(2020, 1, 1);
         params.not_after = rcgen::date_time_ymd(2021, 1, 1);
         let expired = params.signed_by(&expired_key, &ca.cert, &ca.key).unwrap();
-        let (params, client_key) = leaf(
+        let (mut params, client_key) = leaf(
             &[],
             "ambassador-client",
             ExtendedKeyUsagePurpose::ClientAuth,
         );
+        params.not_after = rcgen::date_time_ymd(CLIENT_EXPIRES, 1, 1);
         let client = params.signed_by(&client_key, &ca.cert, &ca.key).unwrap();
-        let (params, stranger_key) = leaf(&[], "stranger", ExtendedKeyUsagePurpose::ClientAuth);
+        let (mut params, stranger_key) = leaf(&[], "stranger", ExtendedKeyUsagePurpose::ClientAuth);
+        params.not_after = rcgen::date_time_ymd(STRANGER_EXPIRES, 1, 1);
         let stranger = params
             .signed_by(&stranger_key, &other.cert, &other.key)
             .unwrap();
@@ -96,6 +121,8 @@ impl Pki {
         Pki {
             ca: write(d, "ca.pem", &ca.cert.pem()),
             other_ca: write(d, "other-ca.pem", &other.cert.pem()),
+            other_server_cert: write(d, "other-server.pem", &other_server.pem()),
+            other_server_key: write(d, "other-server-key.pem", &other_server_key.serialize_pem()),
             bundle: write(d, "bundle.pem", &(other.cert.pem() + &ca.cert.pem())),
             server_cert: write(d, "server.pem", &server.pem()),
             server_key: write(d, "server-key.pem", &server_key.serialize_pem()),
