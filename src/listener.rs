@@ -1,7 +1,11 @@
 //! The accept loop: TCP or unix socket, the client limit, a span per connection.
 
 use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use thiserror::Error;
 
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
@@ -24,8 +28,9 @@ pub enum Listener {
 }
 
 impl Listener {
-    /// Binds `address`. A stale unix socket file left by an earlier run is replaced.
-    pub async fn bind(address: &ListenAddress) -> io::Result<Listener> {
+    /// Binds `address`. At a unix socket's path, only a stale socket (a socket file that
+    /// nobody accepts connections on, left by an earlier run) is replaced.
+    pub async fn bind(address: &ListenAddress) -> Result<Listener, BindError> {
         match address {
             ListenAddress::Tcp(addr) => {
                 // A deeper accept queue than the default 1024, so a burst of new clients (a
@@ -40,9 +45,7 @@ impl Listener {
                 Ok(Listener::Tcp(socket.listen(BACKLOG)?))
             }
             ListenAddress::Unix(path) => {
-                if std::os::unix::net::UnixStream::connect(path).is_err() {
-                    let _ = std::fs::remove_file(path);
-                }
+                remove_stale_socket(path)?;
                 Ok(Listener::Unix(UnixListener::bind(path)?))
             }
         }
@@ -61,6 +64,48 @@ impl Listener {
                 .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))
                 .unwrap_or_else(|| "unix:?".into()),
         }
+    }
+}
+
+/// Why the listener could not be bound.
+#[derive(Debug, Error)]
+pub enum BindError {
+    /// Something other than a stale socket is at the unix socket's path.
+    #[error("{} is {what}; refusing to replace it", path.display())]
+    PathTaken { path: PathBuf, what: &'static str },
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Removes a socket file at `path` that nobody listens on; refuses anything else there (a
+/// file, a folder, a link, a socket that accepts connections), which is someone's data or a
+/// running process, not debris of an earlier run.
+fn remove_stale_socket(path: &Path) -> Result<(), BindError> {
+    let taken = |what| BindError::PathTaken {
+        path: path.to_owned(),
+        what,
+    };
+    let kind = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta.file_type(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    if kind.is_file() {
+        return Err(taken("a regular file"));
+    }
+    if kind.is_dir() {
+        return Err(taken("a folder"));
+    }
+    if !kind.is_socket() {
+        return Err(taken("not a socket (a link, a pipe or a device)"));
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(taken("a live socket (something accepts connections on it)")),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            std::fs::remove_file(path)?;
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
