@@ -60,19 +60,31 @@ where
     }
 }
 
-/// The clients Redis has connected, `observer` included, from `INFO clients`: cheap even
-/// with thousands of connections, where `CLIENT LIST` would be megabytes per poll.
-pub async fn client_count(observer: &mut Raw) -> usize {
+/// A numeric field of `INFO <section>`, asked on `observer`.
+pub async fn info_number(observer: &mut Raw, section: &str, field: &str) -> u64 {
     let (OwnedFrame::BlobString { data, .. } | OwnedFrame::VerbatimString { data, .. }) =
-        observer.cmd(&["INFO", "clients"]).await
+        observer.cmd(&["INFO", section]).await
     else {
         panic!("INFO answers a bulk string");
     };
+    let prefix = format!("{field}:");
     String::from_utf8_lossy(&data)
         .lines()
-        .find_map(|l| l.strip_prefix("connected_clients:"))
+        .find_map(|l| l.strip_prefix(&prefix))
         .and_then(|v| v.trim().parse().ok())
-        .expect("connected_clients in INFO")
+        .unwrap_or_else(|| panic!("{field} in INFO {section}"))
+}
+
+/// The clients Redis has connected, `observer` included, from `INFO clients`: cheap even
+/// with thousands of connections, where `CLIENT LIST` would be megabytes per poll.
+pub async fn client_count(observer: &mut Raw) -> usize {
+    info_number(observer, "clients", "connected_clients").await as usize
+}
+
+/// Every connection Redis has accepted since it started (`total_connections_received`),
+/// closed ones included: what a short-lived probe connection leaves behind.
+pub async fn connections_received(observer: &mut Raw) -> u64 {
+    info_number(observer, "stats", "total_connections_received").await
 }
 
 /// Sends a signal to a process the test started (a redis-server, the binary), by PID.
