@@ -8,9 +8,9 @@ use std::ops::Deref;
 use secrecy::zeroize::Zeroizing;
 
 /// RESP commands holding a secret. Only [`Credentials::encode`](super::Credentials::encode)
-/// makes them, in one allocation
-/// of exactly their size, so no reallocation ever leaves a copy behind; zeroed when dropped;
-/// `Debug` shows nothing of them, not even their length. Write them to the upstream.
+/// makes them, in one allocation of exactly their size, so no reallocation ever leaves a copy
+/// behind; zeroed when dropped; `Debug` shows nothing of them, not even their length. Write
+/// them to the upstream.
 pub struct SecretBytes(pub(super) Zeroizing<Vec<u8>>);
 
 impl Deref for SecretBytes {
