@@ -1,15 +1,19 @@
 //! The credential file, and the only module that looks inside a secret.
 //!
 //! Passwords live in `SecretString` everywhere else: no `Display`, a redacted `Debug`. They
-//! leave this module only as RESP bytes in a buffer that is zeroed when dropped, written to
-//! the upstream socket and nowhere else. `expose_secret()` is called here and nowhere else.
+//! leave this module only as RESP bytes in a [`SecretBytes`]: allocated once at its exact
+//! size (a growing buffer would free copies of the password without zeroing them), zeroed
+//! when dropped, redacted in `Debug`, written to the upstream socket and nowhere else.
+//! `expose_secret()` is called here and nowhere else.
 //!
 //! The TLS client key is read here too, straight into rustls' key type (redacted `Debug`),
 //! and handed to rustls without passing through any other code.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use ring::hmac;
 use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::PrivateKeyDer;
 use secrecy::zeroize::Zeroizing;
@@ -18,6 +22,11 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 use thiserror::Error;
 use tokio::sync::watch;
+
+mod encode;
+
+use encode::{array_header_len, bulk_len};
+pub use encode::{Arg, SecretBytes, HELLO_AUTH};
 
 /// A credential file could not be used. Never carries any of the file's content.
 #[derive(Debug, Error)]
@@ -72,9 +81,6 @@ struct FileForm {
     password: SecretString,
 }
 
-/// Bytes holding a secret, zeroed when dropped. Write them to the upstream; never log them.
-pub type SecretBytes = Zeroizing<Vec<u8>>;
-
 impl Credentials {
     pub fn new(username: Option<String>, password: SecretString) -> Self {
         Credentials { username, password }
@@ -118,28 +124,46 @@ impl Credentials {
 
     /// `AUTH [username] password` as a RESP command.
     pub fn auth_command(&self) -> SecretBytes {
-        // Sized once: a growing Vec would free copies of the password without zeroing them.
-        let mut out = Zeroizing::new(Vec::with_capacity(
-            self.password.expose_secret().len() + self.username().len() + 512,
-        ));
-        let argc = if self.username.is_some() { 3 } else { 2 };
-        crate::resp::write_array(&mut out, argc);
-        crate::resp::write_bulk(&mut out, b"AUTH");
-        if let Some(user) = &self.username {
-            crate::resp::write_bulk(&mut out, user.as_bytes());
-        }
-        crate::resp::write_bulk(&mut out, self.password.expose_secret().as_bytes());
-        out
+        self.encode(&[self.auth_args()])
     }
 
-    /// The three arguments `AUTH <username> <password>` of a HELLO, appended to `out`. HELLO
-    /// always names a user; without one in the profile, that is `default`, as with requirepass.
-    pub fn write_hello_auth(&self, out: &mut SecretBytes) {
-        // Grow before the secret is written, so no reallocation leaves a copy behind.
-        out.reserve(self.password.expose_secret().len() + self.username().len() + 64);
-        crate::resp::write_bulk(out, b"AUTH");
-        crate::resp::write_bulk(out, self.username().as_bytes());
-        crate::resp::write_bulk(out, self.password.expose_secret().as_bytes());
+    /// The arguments of `AUTH`: the username only when the profile names one, so a
+    /// requirepass server gets the one-argument form.
+    pub fn auth_args(&self) -> &'static [Arg<'static>] {
+        if self.username.is_some() {
+            &HELLO_AUTH
+        } else {
+            &[Arg::Bytes(b"AUTH"), Arg::Password]
+        }
+    }
+
+    /// `commands` (each a list of arguments) as RESP arrays, one after the other, in a buffer
+    /// allocated once at exactly their size.
+    pub fn encode(&self, commands: &[&[Arg<'_>]]) -> SecretBytes {
+        let size = commands
+            .iter()
+            .map(|args| {
+                let payload: usize = args.iter().map(|&a| bulk_len(self.bytes(a).len())).sum();
+                array_header_len(args.len()) + payload
+            })
+            .sum();
+        let mut out = Zeroizing::new(Vec::with_capacity(size));
+        for args in commands {
+            crate::resp::write_array(&mut out, args.len());
+            for &arg in *args {
+                crate::resp::write_bulk(&mut out, self.bytes(arg));
+            }
+        }
+        debug_assert_eq!(out.len(), size, "the size computed is the size written");
+        SecretBytes(out)
+    }
+
+    fn bytes<'a>(&'a self, arg: Arg<'a>) -> &'a [u8] {
+        match arg {
+            Arg::Bytes(b) => b,
+            Arg::Username => self.username().as_bytes(),
+            Arg::Password => self.password.expose_secret().as_bytes(),
+        }
     }
 }
 
@@ -184,22 +208,45 @@ impl Credentials {
     }
 }
 
-/// The password clients must offer when `listen.require_password_file` is set.
-#[derive(Debug)]
-pub struct DownstreamPassword(SecretString);
+/// The password clients must offer when `listen.require_password_file` is set, kept only as
+/// its HMAC-SHA256 under a key drawn at start. An offered password is hashed the same way and
+/// the two 32-byte tags are compared in constant time: how long that takes depends on neither
+/// the password nor its length, and the password itself is not kept.
+pub struct DownstreamPassword {
+    key: hmac::Key,
+    tag: [u8; 32],
+}
+
+impl fmt::Debug for DownstreamPassword {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DownstreamPassword(<redacted>)")
+    }
+}
 
 impl DownstreamPassword {
     pub fn load(path: &Path) -> Result<Self, CredentialsError> {
-        Credentials::load(path, None).map(|c| DownstreamPassword(c.password))
+        Credentials::load(path, None).map(|c| DownstreamPassword::new(c.password))
     }
 
     pub fn new(password: SecretString) -> Self {
-        DownstreamPassword(password)
+        let key = hmac::Key::generate(hmac::HMAC_SHA256, &ring::rand::SystemRandom::new())
+            .expect("the system's random source");
+        let tag = Self::tag_of(&key, password.expose_secret().as_bytes());
+        DownstreamPassword { key, tag }
     }
 
-    /// Compares in constant time, so response timing tells nothing about the password.
+    fn tag_of(key: &hmac::Key, password: &[u8]) -> [u8; 32] {
+        let mut tag = [0u8; 32];
+        tag.copy_from_slice(hmac::sign(key, password).as_ref());
+        tag
+    }
+
+    /// Whether `offered` is the password; timing tells nothing about the password's bytes or
+    /// its length (only the offered length, which the client knows).
     pub fn matches(&self, offered: &[u8]) -> bool {
-        self.0.expose_secret().as_bytes().ct_eq(offered).into()
+        Self::tag_of(&self.key, offered)[..]
+            .ct_eq(&self.tag[..])
+            .into()
     }
 }
 
@@ -249,5 +296,106 @@ mod tests {
         assert!(!format!("{d:?}").contains("hunter2"));
         assert!(d.matches(b"hunter2"));
         assert!(!d.matches(b"hunter"));
+    }
+
+    #[test]
+    fn secret_bytes_are_allocated_once_at_their_size() {
+        let c = Credentials::new(Some("app".into()), SecretString::from("hunter2"));
+        // Lengths around every change in the number of digits of a bulk length.
+        for len in [0, 1, 9, 10, 11, 99, 100, 101, 999, 1000, 1001, 70_000] {
+            let long = vec![b'x'; len];
+            // HELLO with a long SETNAME after the password: the case where a growing buffer
+            // would have copied the password and freed the copy unzeroed.
+            let mut args = vec![Arg::Bytes(b"HELLO"), Arg::Bytes(b"3")];
+            args.extend(HELLO_AUTH);
+            args.extend([Arg::Bytes(b"SETNAME"), Arg::Bytes(&long)]);
+            let bytes = c.encode(&[&args, c.auth_args(), &[Arg::Bytes(&long)]]);
+            let mut want = Vec::new();
+            crate::resp::write_array(&mut want, 7);
+            for arg in [
+                &b"HELLO"[..],
+                b"3",
+                b"AUTH",
+                b"app",
+                b"hunter2",
+                b"SETNAME",
+                &long,
+            ] {
+                crate::resp::write_bulk(&mut want, arg);
+            }
+            want.extend_from_slice(b"*3\r\n$4\r\nAUTH\r\n$3\r\napp\r\n$7\r\nhunter2\r\n");
+            crate::resp::write_array(&mut want, 1);
+            crate::resp::write_bulk(&mut want, &long);
+            assert_eq!(&bytes[..], &want[..], "length {len}");
+            assert_eq!(
+                bytes.0.capacity(),
+                bytes.len(),
+                "length {len}: one exact allocation"
+            );
+        }
+        let requirepass = Credentials::new(None, SecretString::from("hunter2"));
+        let auth = requirepass.auth_command();
+        assert_eq!(&auth[..], b"*2\r\n$4\r\nAUTH\r\n$7\r\nhunter2\r\n");
+        assert_eq!(auth.0.capacity(), auth.len());
+    }
+
+    #[test]
+    fn debug_of_secret_bytes_shows_nothing_of_them() {
+        let c = Credentials::new(Some("app".into()), SecretString::from("hunter2"));
+        let shown = format!("{:?} {:#?}", c.auth_command(), c.auth_command());
+        assert!(!shown.contains("hunter2"), "{shown}");
+        // Not as numbers either (the derived Debug of a byte vector), nor the length.
+        assert!(!shown.contains("104, 117"), "{shown}");
+        assert!(
+            !shown.contains(&c.auth_command().len().to_string()),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn the_downstream_password_matches_exactly() {
+        let d = DownstreamPassword::new(SecretString::from("hunter2"));
+        assert!(d.matches(b"hunter2"));
+        for wrong in [
+            &b""[..],
+            b"h",
+            b"hunter",
+            b"hunter3",
+            b"hunter22",
+            b"HUNTER2",
+        ] {
+            assert!(!d.matches(wrong), "{:?}", String::from_utf8_lossy(wrong));
+        }
+        assert!(!d.matches(&[b'h'; 70_000]));
+    }
+
+    /// The old compare (`ct_eq` of the two passwords) returned at once when the lengths
+    /// differed and walked the whole password when they did not, so timing told the length.
+    /// Now an offered password costs the same whatever the real one's length: one HMAC of
+    /// the offered bytes and a 32-byte compare. Medians of interleaved runs, and a bound far
+    /// from the old ratio (three orders of magnitude with these sizes).
+    #[test]
+    fn the_downstream_compare_takes_no_longer_for_the_right_length() {
+        const LEN: usize = 1 << 20;
+        let d = DownstreamPassword::new(SecretString::from("p".repeat(LEN)));
+        let same_length = vec![b'q'; LEN];
+        let longer = vec![b'q'; LEN + 1];
+        let time = |offered: &[u8]| {
+            let start = std::time::Instant::now();
+            assert!(!d.matches(std::hint::black_box(offered)));
+            start.elapsed()
+        };
+        let (mut same, mut other) = (Vec::new(), Vec::new());
+        for _ in 0..15 {
+            same.push(time(&same_length));
+            other.push(time(&longer));
+        }
+        same.sort();
+        other.sort();
+        let (same, other) = (same[7], other[7]);
+        assert!(
+            other * 4 > same,
+            "an offered password of the right length took {same:?}, one byte longer {other:?}"
+        );
     }
 }

@@ -10,7 +10,7 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::config::Handshake;
-use crate::credentials::{Credentials, SecretBytes};
+use crate::credentials::{Arg, Credentials, SecretBytes};
 use crate::tls::{self, TlsFailure};
 
 #[derive(Debug, Error)]
@@ -53,24 +53,30 @@ pub struct Commands {
     pub names: Vec<&'static str>,
 }
 
-/// AUTH, then SETNAME and SELECT as configured.
+/// AUTH, then SETNAME and SELECT as configured, in one buffer sized once.
 pub fn commands(credentials: &Credentials, settings: &Handshake) -> Commands {
-    let mut bytes = credentials.auth_command();
+    let setname = settings
+        .client_name
+        .as_ref()
+        .map(|name| [&b"CLIENT"[..], b"SETNAME", name.as_bytes()].map(Arg::Bytes));
+    let database = settings.database.map(|db| db.to_string());
+    let select = database
+        .as_ref()
+        .map(|db| [&b"SELECT"[..], db.as_bytes()].map(Arg::Bytes));
+    let mut commands: Vec<&[Arg<'_>]> = vec![credentials.auth_args()];
     let mut names = vec!["AUTH"];
-    if let Some(name) = &settings.client_name {
-        crate::resp::write_array(&mut bytes, 3);
-        for arg in [&b"CLIENT"[..], b"SETNAME", name.as_bytes()] {
-            crate::resp::write_bulk(&mut bytes, arg);
-        }
+    if let Some(setname) = &setname {
+        commands.push(setname);
         names.push("CLIENT SETNAME");
     }
-    if let Some(db) = settings.database {
-        crate::resp::write_array(&mut bytes, 2);
-        crate::resp::write_bulk(&mut bytes, b"SELECT");
-        crate::resp::write_bulk(&mut bytes, db.to_string().as_bytes());
+    if let Some(select) = &select {
+        commands.push(select);
         names.push("SELECT");
     }
-    Commands { bytes, names }
+    Commands {
+        bytes: credentials.encode(&commands),
+        names,
+    }
 }
 
 /// Checks the reply to handshake command `index` of `cmds`.

@@ -78,9 +78,16 @@ pub async fn run(
         .as_ref()
         .and_then(|a| a.local_addr().ok())
         .map_or_else(|| "off".to_owned(), |a| a.to_string());
+    let probing = probe::needed(admin.is_some(), &config.upstream.expect);
+    let probe_interval = if probing {
+        format!("{:?}", config.admin.probe_interval)
+    } else {
+        "off".to_owned()
+    };
     tracing::info!(
         address = %listener.local_address(),
         admin = %admin_address,
+        probe = %probe_interval,
         upstream = %config.upstream.address,
         profile = %config.profile,
         "listening"
@@ -97,15 +104,17 @@ pub async fn run(
             async move { stop.cancelled().await },
         ));
     }
-    helpers.spawn(probe::keep_probing(
-        config.upstream.clone(),
-        config.handshake.clone(),
-        config.upstream.expect.clone(),
-        credentials.clone(),
-        Arc::clone(&metrics),
-        config.admin.probe_interval,
-        background.clone(),
-    ));
+    if probing {
+        helpers.spawn(probe::keep_probing(
+            config.upstream.clone(),
+            config.handshake.clone(),
+            config.upstream.expect.clone(),
+            credentials.clone(),
+            Arc::clone(&metrics),
+            config.admin.probe_interval,
+            background.clone(),
+        ));
+    }
     helpers.spawn(
         rotation::Reloader {
             path: config.credentials_file.clone(),

@@ -1,7 +1,12 @@
 //! The accept loop: TCP or unix socket, the client limit, a span per connection.
 
 use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
 
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
@@ -25,8 +30,9 @@ pub enum Listener {
 }
 
 impl Listener {
-    /// Binds `address`. A stale unix socket file left by an earlier run is replaced.
-    pub async fn bind(address: &ListenAddress) -> io::Result<Listener> {
+    /// Binds `address`. At a unix socket's path, only a stale socket (a socket file that
+    /// nobody accepts connections on, left by an earlier run) is replaced.
+    pub async fn bind(address: &ListenAddress) -> Result<Listener, BindError> {
         match address {
             ListenAddress::Tcp(addr) => {
                 // A deeper accept queue than the default 1024, so a burst of new clients (a
@@ -41,9 +47,7 @@ impl Listener {
                 Ok(Listener::Tcp(socket.listen(BACKLOG)?))
             }
             ListenAddress::Unix(path) => {
-                if std::os::unix::net::UnixStream::connect(path).is_err() {
-                    let _ = std::fs::remove_file(path);
-                }
+                remove_stale_socket(path)?;
                 Ok(Listener::Unix(UnixListener::bind(path)?))
             }
         }
@@ -65,6 +69,60 @@ impl Listener {
     }
 }
 
+/// Why the listener could not be bound.
+#[derive(Debug, Error)]
+pub enum BindError {
+    /// Something other than a stale socket is at the unix socket's path.
+    #[error("{} is {what}; refusing to replace it", path.display())]
+    PathTaken { path: PathBuf, what: &'static str },
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Removes a socket file at `path` that nobody listens on; refuses anything else there (a
+/// file, a folder, a link, a socket that accepts connections), which is someone's data or a
+/// running process, not debris of an earlier run.
+fn remove_stale_socket(path: &Path) -> Result<(), BindError> {
+    let taken = |what| BindError::PathTaken {
+        path: path.to_owned(),
+        what,
+    };
+    let kind = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta.file_type(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    if kind.is_file() {
+        return Err(taken("a regular file"));
+    }
+    if kind.is_dir() {
+        return Err(taken("a folder"));
+    }
+    if !kind.is_socket() {
+        return Err(taken("not a socket (a link, a pipe or a device)"));
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(taken("a live socket (something accepts connections on it)")),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            std::fs::remove_file(path)?;
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Refused clients (over `max_clients`) that may linger at once, each holding a task and a
+/// descriptor for up to [`LINGER`](crate::relay::LINGER) so that it reads its error before
+/// the close. Beyond them a refused client gets the error in one non-blocking write and an
+/// immediate close: uncapped, a burst of 3000 refused clients took the process from 15 to
+/// 3025 open descriptors, and a larger one ran it out of descriptors for everyone.
+pub const LINGERING_REFUSALS: usize = 64;
+
+/// Waits after an `accept()` that failed for lack of resources (EMFILE, ENFILE, ENOBUFS):
+/// the first, doubling up to the last while the failures go on. The pending connections stay
+/// in the kernel's queue meanwhile.
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
+
 /// Accepts until `stop` fires. Each session runs in `tracker`; `kill` ends those still open
 /// when the drain time is over. TCP clients get `dead_peer`'s keepalive.
 pub async fn accept_loop(
@@ -78,37 +136,44 @@ pub async fn accept_loop(
 ) {
     // One permit per open session; the session's task holds it and dropping it frees a slot.
     let slots = Arc::new(Semaphore::new(max_clients));
+    // One permit per lingering refusal, held by its task likewise.
+    let lingering = Arc::new(Semaphore::new(LINGERING_REFUSALS));
+    let mut failures = AcceptFailures::default();
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
             a = accept(&listener, &dead_peer) => a,
         };
         let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // EMFILE and friends: the listener itself is fine; back off briefly.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            Ok(a) => {
+                failures.recovered();
+                a
+            }
+            // The client gave up while it waited in the queue: nothing is wrong here.
+            Err(e) if is_per_connection(&e) => {
+                tracing::debug!(error = %e, "accept: client left first");
                 continue;
+            }
+            Err(e) => {
+                let wait = failures.failed(&e);
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => continue,
+                }
             }
         };
         let span = tracing::info_span!("session", client = %peer);
-        let permit = Arc::clone(&slots).try_acquire_owned().ok();
+        shared.metrics.clients_total.inc();
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            shared.metrics.refused("max_clients");
+            refuse_over_limit(stream, &lingering, tracker, max_clients, span);
+            continue;
+        };
         let shared = Arc::clone(&shared);
         let kill = kill.clone();
-        shared.metrics.clients_total.inc();
         tracker.spawn(
             async move {
-                let Some(_permit) = permit else {
-                    tracing::warn!(max_clients, "refused: max number of clients reached");
-                    shared.metrics.refused("max_clients");
-                    let mut stream = stream;
-                    match &mut stream {
-                        Stream::Tcp(s) => session::refuse(s, MAX_CLIENTS).await,
-                        Stream::Unix(s) => session::refuse(s, MAX_CLIENTS).await,
-                    }
-                    return;
-                };
+                let _permit = permit;
                 let metrics = Arc::clone(&shared.metrics);
                 metrics.clients_active.inc();
                 tokio::select! {
@@ -122,9 +187,92 @@ pub async fn accept_loop(
     }
 }
 
+/// Tells a client over `max_clients` so: lingering while fewer than [`LINGERING_REFUSALS`]
+/// do, at once otherwise.
+fn refuse_over_limit(
+    stream: Stream,
+    lingering: &Arc<Semaphore>,
+    tracker: &TaskTracker,
+    max_clients: usize,
+    span: tracing::Span,
+) {
+    let Ok(permit) = Arc::clone(lingering).try_acquire_owned() else {
+        span.in_scope(|| {
+            tracing::debug!(
+                max_clients,
+                "refused at once: max number of clients reached"
+            )
+        });
+        stream.refuse_now(MAX_CLIENTS);
+        return;
+    };
+    tracker.spawn(
+        async move {
+            let _permit = permit;
+            tracing::warn!(max_clients, "refused: max number of clients reached");
+            match stream {
+                Stream::Tcp(mut s) => session::refuse(&mut s, MAX_CLIENTS).await,
+                Stream::Unix(mut s) => session::refuse(&mut s, MAX_CLIENTS).await,
+            }
+        }
+        .instrument(span),
+    );
+}
+
+/// Errors of one queued connection (reset before it was accepted), not of the listener.
+fn is_per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+    )
+}
+
+/// A run of failed accepts: how long to wait, and one log line at its start and end rather
+/// than one per attempt.
+#[derive(Default)]
+struct AcceptFailures {
+    count: u64,
+    wait: Duration,
+}
+
+impl AcceptFailures {
+    fn failed(&mut self, e: &io::Error) -> Duration {
+        if self.count == 0 {
+            tracing::warn!(error = %e, "accept failed; backing off until it works again (new clients wait in the queue)");
+            self.wait = ACCEPT_BACKOFF.0;
+        } else {
+            self.wait = (self.wait * 2).min(ACCEPT_BACKOFF.1);
+        }
+        self.count += 1;
+        self.wait
+    }
+
+    fn recovered(&mut self) {
+        if self.count > 0 {
+            tracing::info!(failed_accepts = self.count, "accepting again");
+            self.count = 0;
+        }
+    }
+}
+
 enum Stream {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
+}
+
+impl Stream {
+    /// Writes `reply` without waiting and closes. A new connection's send buffer is empty,
+    /// so the write takes it whole; the socket leaves the runtime first, because the
+    /// runtime's own non-blocking write waits for a readiness event it has not seen yet.
+    fn refuse_now(self, reply: &[u8]) {
+        use std::io::Write;
+        let _ = match self {
+            Stream::Tcp(s) => s.into_std().and_then(|mut s| s.write(reply)),
+            Stream::Unix(s) => s.into_std().and_then(|mut s| s.write(reply)),
+        };
+    }
 }
 
 async fn accept(listener: &Listener, dead_peer: &DeadPeer) -> io::Result<(Stream, String)> {

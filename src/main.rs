@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use redis_ambassador::config::{Config, LoadOptions, LogFormat};
+use redis_ambassador::config::{Config, ConfigErrors, LoadOptions, LogFormat};
+use redis_ambassador::listener::BindError;
 use redis_ambassador::{probe, Listener};
 
 /// Exit status for an invalid configuration (EX_USAGE).
@@ -109,6 +110,16 @@ fn main() -> ExitCode {
         }
         let listener = match Listener::bind(&config.listen.address).await {
             Ok(l) => l,
+            // The configured path holds something the ambassador will not replace: reported
+            // as the configuration errors are, by key, with their exit status.
+            Err(e @ BindError::PathTaken { .. }) => {
+                let errors = ConfigErrors {
+                    profile: config.profile.clone(),
+                    problems: vec![("listen.address".into(), e.to_string())],
+                };
+                eprintln!("redis-ambassador: {errors}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
             Err(e) => {
                 tracing::error!(address = %config.listen.address, error = %e, "cannot listen");
                 return ExitCode::FAILURE;

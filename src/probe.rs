@@ -50,6 +50,23 @@ impl Report {
     }
 }
 
+/// Connects and authenticates with `credentials`, on a connection of the probe's own.
+async fn authenticate(
+    upstream: &Upstream,
+    credentials: &Credentials,
+    settings: &Handshake,
+) -> Result<(upstream::Stream, std::net::SocketAddr), ProbeError> {
+    let (mut stream, addr) = upstream::connect(upstream).await?;
+    handshake::run(
+        &mut stream,
+        credentials,
+        settings,
+        upstream.handshake_timeout,
+    )
+    .await?;
+    Ok((stream, addr))
+}
+
 /// Connects, authenticates with `credentials`, asks `ACL WHOAMI` and `INFO server`, and
 /// checks them against `expect`.
 pub async fn probe(
@@ -58,15 +75,8 @@ pub async fn probe(
     settings: &Handshake,
     expect: &UpstreamExpect,
 ) -> Result<Report, ProbeError> {
-    let (mut stream, addr) = upstream::connect(upstream).await?;
+    let (mut stream, addr) = authenticate(upstream, credentials, settings).await?;
     let tls = stream.tls_summary();
-    handshake::run(
-        &mut stream,
-        credentials,
-        settings,
-        upstream.handshake_timeout,
-    )
-    .await?;
     let limit = upstream.handshake_timeout;
     let exchange = async {
         stream
@@ -147,8 +157,18 @@ fn check_expectations(report: &Report, expect: &UpstreamExpect) -> Result<(), St
     }
 }
 
-/// Probes every `interval` with the current credentials, so `/readyz` reflects the upstream
-/// even when no client is connected, and a wrong upstream stops new sessions.
+/// Whether anything reads what the periodic probe finds: `/readyz` and `/metrics` on the
+/// admin endpoint, or `upstream.expect`, which stops new sessions on a mismatch. Otherwise
+/// it would only cost the upstream a connection and an AUTH per interval, from every
+/// ambassador. (`--check` and testing new credentials probe on demand, not through this.)
+pub fn needed(admin_endpoint: bool, expect: &UpstreamExpect) -> bool {
+    admin_endpoint || !expect.is_empty()
+}
+
+/// Probes about every `interval` (each wait drawn within ±20 % of it, so that many
+/// ambassadors started together do not probe together) with the current credentials, so
+/// `/readyz` reflects the upstream even when no client is connected, and a wrong upstream
+/// stops new sessions. Without expectations, a probe only connects and authenticates.
 pub async fn keep_probing(
     upstream: Upstream,
     settings: Handshake,
@@ -159,11 +179,20 @@ pub async fn keep_probing(
     stop: CancellationToken,
 ) {
     loop {
-        match probe(&upstream, &credentials.current(), &settings, &expect).await {
-            Ok(report) => {
+        let found = if expect.is_empty() {
+            authenticate(&upstream, &credentials.current(), &settings)
+                .await
+                .map(|(_, addr)| addr.to_string())
+        } else {
+            probe(&upstream, &credentials.current(), &settings, &expect)
+                .await
+                .map(|report| report.address)
+        };
+        match found {
+            Ok(address) => {
                 metrics.upstream_ok();
                 metrics.set_mismatch(None);
-                metrics.set_target(&report.address);
+                metrics.set_target(&address);
             }
             Err(ProbeError::Mismatch(why)) => {
                 tracing::error!(upstream = %upstream.address, mismatch = %why, "refusing to relay: upstream does not match the profile");
@@ -175,7 +204,39 @@ pub async fn keep_probing(
         }
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep(jittered(interval)) => {}
         }
+    }
+}
+
+/// `interval` times a random factor in [0.8, 1.2).
+fn jittered(interval: Duration) -> Duration {
+    use ring::rand::{SecureRandom, SystemRandom};
+    let mut bytes = [0u8; 4];
+    // Without randomness (never seen on Linux), the plain interval.
+    if SystemRandom::new().fill(&mut bytes).is_err() {
+        return interval;
+    }
+    let unit = f64::from(u32::from_le_bytes(bytes)) / (f64::from(u32::MAX) + 1.0);
+    interval.mul_f64(0.8 + 0.4 * unit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waits_vary_within_a_fifth_of_the_interval() {
+        let interval = Duration::from_secs(5);
+        let waits: Vec<Duration> = (0..200).map(|_| jittered(interval)).collect();
+        for w in &waits {
+            assert!(
+                *w >= interval.mul_f64(0.8) && *w < interval.mul_f64(1.2),
+                "{w:?}"
+            );
+        }
+        let (min, max) = (waits.iter().min().unwrap(), waits.iter().max().unwrap());
+        // 200 draws from a 2 s range: spread over more than 1 s unless something is wrong.
+        assert!(*max - *min > Duration::from_secs(1), "{min:?}..{max:?}");
     }
 }

@@ -244,3 +244,95 @@ async fn redis_cli_rdb_works_through_the_replication_stream() {
         "holds the key"
     );
 }
+
+/// Runs the binary with `args`, expecting it to exit by itself within the deadline (killed
+/// and failed otherwise, so a start that should have been refused cannot hang the test).
+fn run_expecting_exit(cwd: &Path, args: &[&str]) -> std::process::Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_redis-ambassador"))
+        .current_dir(cwd)
+        .args(args)
+        .env_remove("AMBASSADOR_PROFILE")
+        .env_remove("AMBASSADOR_CONFIG_DIR")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run redis-ambassador");
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "still running after {DEADLINE:?}:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20)); // polling interval
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[tokio::test]
+async fn a_unix_socket_path_is_taken_over_only_from_a_stale_socket() {
+    let server = RedisServer::start(ServerAuth::app());
+    let dir = tempfile::tempdir().unwrap();
+    let creds = server.credential_file(dir.path());
+    let upstream = server.addr();
+    let args = |path: &Path| {
+        [
+            "--listen".to_owned(),
+            format!("unix:{}", path.display()),
+            "--upstream".to_owned(),
+            upstream.clone(),
+            "--credentials-file".to_owned(),
+            creds.display().to_string(),
+        ]
+    };
+
+    let file = dir.path().join("file.sock");
+    std::fs::write(&file, "someone's data").unwrap();
+    let folder = dir.path().join("folder.sock");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::write(folder.join("inside"), "more data").unwrap();
+    let live = dir.path().join("live.sock");
+    let other_process = std::os::unix::net::UnixListener::bind(&live).unwrap();
+    for (path, what) in [
+        (&file, "is a regular file"),
+        (&folder, "is a folder"),
+        (&live, "is a live socket"),
+    ] {
+        let args = args(path);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = run_expecting_exit(dir.path(), &args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{stderr}");
+        let said = format!("listen.address: {} {what}", path.display());
+        assert!(stderr.contains(&said), "{said:?} not in:\n{stderr}");
+        assert!(!stderr.contains("listening"), "{stderr}");
+    }
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "someone's data");
+    assert_eq!(
+        std::fs::read_to_string(folder.join("inside")).unwrap(),
+        "more data"
+    );
+    // The other process still owns its socket: a client reaches it, not an ambassador.
+    let _client = std::os::unix::net::UnixStream::connect(&live).unwrap();
+    other_process.set_nonblocking(false).unwrap();
+    let _accepted = other_process.accept().expect("the live socket still works");
+
+    // A socket file nobody listens on (an earlier run killed with SIGKILL) is replaced.
+    let stale = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    let args = args(&stale);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let bin = Binary::start(dir.path(), &args, &[]);
+    assert_eq!(bin.addr, format!("unix:{}", stale.display()));
+    let out = Command::new(require("redis-cli"))
+        .args(["-s", stale.to_str().unwrap(), "ACL", "WHOAMI"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), USER);
+}

@@ -17,6 +17,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
+use redis_ambassador::listener::LINGERING_REFUSALS;
 use redis_protocol::resp3::types::OwnedFrame;
 use tokio::task::JoinSet;
 
@@ -180,6 +181,155 @@ async fn ten_thousand_idle_clients_beside_fifty_busy_ones() {
         || async { fd_count(pid) == fds0 },
     )
     .await;
+}
+
+/// Lowers the descriptor limit of a process this test started.
+fn lower_nofile(pid: u32, limit: u64) {
+    let lowered = Command::new("prlimit")
+        .args([
+            "--pid",
+            &pid.to_string(),
+            &format!("--nofile={limit}:{limit}"),
+        ])
+        .status()
+        .expect("run prlimit (util-linux)");
+    assert!(lowered.success());
+    assert_eq!(nofile(pid), (limit, limit));
+}
+
+/// A burst of clients over `listen.max_clients`, four times what the ambassador's descriptor
+/// limit allows, each keeping its connection open after reading its error. Uncapped, every
+/// refused client held a descriptor for a second: the process ran out of them, and upstream
+/// connects and the admin endpoint failed for everyone. Now at most
+/// [`LINGERING_REFUSALS`] refusals linger; the rest get the error and an immediate close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_refused_clients_beyond_the_descriptor_limit_harms_no_one() {
+    const LIMIT: u64 = 256;
+    const BURST: usize = 1000;
+    let server = RedisServer::start(ServerAuth::app());
+    let dir = tempfile::tempdir().unwrap();
+    let bin = binary_for(
+        &server,
+        dir.path(),
+        &[
+            ("AMBASSADOR__LISTEN__MAX_CLIENTS", "10"),
+            ("AMBASSADOR__ADMIN__ADDRESS", "127.0.0.1:0"),
+            NO_PROBES_ENV,
+        ],
+    );
+    let pid = bin.pid();
+    lower_nofile(pid, LIMIT);
+    // Every slot taken, so that the whole burst is refused.
+    let mut admitted = Vec::new();
+    for _ in 0..10 {
+        let mut c = Raw::connect(&bin.addr).await;
+        assert_eq!(c.cmd(&["PING"]).await, simple("PONG"));
+        admitted.push(c);
+    }
+    let fds0 = fd_count(pid);
+
+    let mut burst = JoinSet::new();
+    for _ in 0..BURST {
+        let addr = bin.addr.clone();
+        burst.spawn(async move {
+            let mut c = Raw::connect(&addr).await;
+            let got = c.read_to_close().await;
+            (c, got)
+        });
+    }
+    // Every refused client still gets the error, lingering or not; all stay connected.
+    let mut held = Vec::with_capacity(BURST);
+    while let Some(joined) = burst.join_next().await {
+        let (c, got) = joined.expect("a burst client");
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            "-ERR max number of clients reached\r\n"
+        );
+        held.push(c);
+    }
+    let fds = fd_count(pid);
+    assert!(
+        fds <= fds0 + LINGERING_REFUSALS + 8,
+        "{fds} descriptors open with {BURST} refused clients holding on ({fds0} before)"
+    );
+    for c in &mut admitted {
+        assert_eq!(c.cmd(&["PING"]).await, simple("PONG"));
+    }
+    assert_eq!(http_get(&bin.admin, "/healthz").await.0, 200);
+    // A freed slot goes to a new session, which connects upstream; the slot frees once the
+    // closed session is noticed, so wait on that, with a deadline.
+    drop(admitted.pop());
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let mut newcomer = Raw::connect(&bin.addr).await;
+        newcomer.send(&command(&["ACL", "WHOAMI"])).await;
+        match newcomer.try_reply().await {
+            Some(f) if f == bulk(USER.as_bytes()) => break,
+            other => assert!(Instant::now() < deadline, "no new session: {other:?}"),
+        }
+    }
+    println!("{BURST} refused clients held open: {fds0} -> {fds} descriptors (limit {LIMIT})");
+}
+
+/// Out of descriptors, `accept()` fails (EMFILE) while clients wait in the kernel's queue.
+/// Here the lingering refusals themselves use up a limit of 48: the accept loop must back off
+/// (not spin, not stop), and serve the queued clients once descriptors free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_the_listener_backs_off_and_recovers() {
+    const LIMIT: u64 = 48;
+    const QUEUED: usize = 100;
+    let server = RedisServer::start(ServerAuth::app());
+    let dir = tempfile::tempdir().unwrap();
+    let bin = binary_for(
+        &server,
+        dir.path(),
+        &[("AMBASSADOR__LISTEN__MAX_CLIENTS", "1"), NO_PROBES_ENV],
+    );
+    let pid = bin.pid();
+    lower_nofile(pid, LIMIT);
+    let mut admitted = Raw::connect(&bin.addr).await;
+    assert_eq!(admitted.cmd(&["PING"]).await, simple("PONG"));
+    let (started, cpu0) = (Instant::now(), cpu_time(pid));
+    let mut queued = JoinSet::new();
+    for _ in 0..QUEUED {
+        let addr = bin.addr.clone();
+        queued.spawn(async move {
+            let mut c = Raw::connect(&addr).await;
+            let got = c.read_to_close().await;
+            (c, got)
+        });
+    }
+    let mut held = Vec::with_capacity(QUEUED);
+    while let Some(joined) = queued.join_next().await {
+        let (c, got) = joined.expect("a queued client");
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            "-ERR max number of clients reached\r\n"
+        );
+        held.push(c);
+    }
+    let (wall, cpu) = (started.elapsed(), cpu_time(pid) - cpu0);
+    let log: Vec<String> = bin.stderr_lines.try_iter().collect();
+    let failures = log.iter().filter(|l| l.contains("accept failed")).count();
+    println!("{QUEUED} clients through a limit of {LIMIT}: {wall:?}, ambassador CPU {cpu:?}, {failures} backoff runs");
+    assert!(failures >= 1, "the limit was never reached: {log:#?}");
+    // Backing off, the ambassador used about 1% of the time here; spinning, about 30%.
+    assert!(
+        cpu < wall / 8,
+        "the accept loop spun: {cpu:?} of CPU in {wall:?}"
+    );
+    assert_eq!(admitted.cmd(&["PING"]).await, simple("PONG"));
+    drop(held);
+    drop(admitted);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let mut newcomer = Raw::connect(&bin.addr).await;
+        newcomer.send(&command(&["PING"])).await;
+        match newcomer.try_reply().await {
+            Some(f) if f == simple("PONG") => break,
+            other => assert!(Instant::now() < deadline, "no new session: {other:?}"),
+        }
+    }
 }
 
 /// About two minutes of mixed traffic with connection churn; RSS and descriptors at the end

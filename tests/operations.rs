@@ -251,3 +251,43 @@ async fn idle_sessions_close_only_when_configured() {
         redis_protocol::resp3::types::OwnedFrame::Null
     );
 }
+
+/// The periodic probe costs the upstream a connection and an AUTH per interval from every
+/// ambassador, so it runs only where something reads it: an admin endpoint, or
+/// `upstream.expect`. Two binaries probe every 100 ms, each on its own Redis: one with
+/// neither (must not probe), and, as the clock that makes "no probe" mean something, one with
+/// only `upstream.expect` (must). When the second's Redis has seen four probes, the first's
+/// has had as long to see them, and must have seen only the client's own session.
+#[tokio::test]
+async fn without_admin_or_expect_the_upstream_sees_no_probe() {
+    let quiet = RedisServer::start(ServerAuth::app());
+    let control = RedisServer::start(ServerAuth::app());
+    let (mut quiet_observer, mut control_observer) = (quiet.direct().await, control.direct().await);
+    let quiet_before = connections_received(&mut quiet_observer).await;
+    let control_before = connections_received(&mut control_observer).await;
+    let every = ("AMBASSADOR__ADMIN__PROBE_INTERVAL", "100ms");
+    let (dir1, dir2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let bin = binary_for(&quiet, dir1.path(), &[every]);
+    let _clock = binary_for(
+        &control,
+        dir2.path(),
+        &[every, ("AMBASSADOR__UPSTREAM__EXPECT__USER", USER)],
+    );
+    let mut c = Raw::connect(&bin.addr).await;
+    assert_eq!(c.cmd(&["SET", "k", "v"]).await, simple("OK"));
+    assert_eq!(c.cmd(&["GET", "k"]).await, bulk(b"v"));
+    drop(c);
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while connections_received(&mut control_observer).await < control_before + 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the control never probed four times"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await; // polling interval
+    }
+    assert_eq!(
+        connections_received(&mut quiet_observer).await,
+        quiet_before + 1,
+        "connections beyond the client's one session reached the upstream"
+    );
+}

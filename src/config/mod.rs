@@ -110,6 +110,13 @@ pub struct UpstreamExpect {
     pub info: std::collections::BTreeMap<String, String>,
 }
 
+impl UpstreamExpect {
+    /// Nothing is expected: no need to ask the upstream who it is.
+    pub fn is_empty(&self) -> bool {
+        self.user.is_none() && self.info.is_empty()
+    }
+}
+
 /// `host:port`, the host resolved again for every new connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostPort {

@@ -9,10 +9,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use super::{drain, io_err, Activity, Close, Context, Expect, Expectations, RelayError, CHUNK};
-use crate::credentials::{Credentials, SecretBytes};
+use crate::credentials::{Arg, Credentials, SecretBytes, HELLO_AUTH};
 use crate::filter::{self, Action, Filter, HelloPart, Replies};
 use crate::handshake;
-use crate::resp::{self, ProtocolError, Request, RequestFramer};
+use crate::resp::{ProtocolError, Request, RequestFramer};
 
 /// The client -> upstream direction.
 pub(super) struct Requests<'c, R, W> {
@@ -427,20 +427,12 @@ impl Step {
 
 /// `HELLO` re-encoded with the profile's credentials in place of the client's.
 fn hello_command(parts: &[HelloPart<'_>], credentials: &Credentials) -> SecretBytes {
-    let argc = parts
-        .iter()
-        .map(|p| match p {
-            HelloPart::Keep(_) => 1,
-            HelloPart::ProfileAuth => 3,
-        })
-        .sum();
-    let mut out = SecretBytes::new(Vec::with_capacity(128));
-    resp::write_array(&mut out, argc);
+    let mut args = Vec::with_capacity(parts.len() + HELLO_AUTH.len());
     for part in parts {
         match part {
-            HelloPart::Keep(arg) => resp::write_bulk(&mut out, arg),
-            HelloPart::ProfileAuth => credentials.write_hello_auth(&mut out),
+            HelloPart::Keep(arg) => args.push(Arg::Bytes(arg)),
+            HelloPart::ProfileAuth => args.extend(HELLO_AUTH),
         }
     }
-    out
+    credentials.encode(&[&args])
 }

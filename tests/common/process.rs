@@ -26,6 +26,27 @@ pub fn fd_count(pid: u32) -> usize {
         .count()
 }
 
+/// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat`.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/stat: {e}"));
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    let per_second: u64 = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100);
+    Duration::from_millis(ticks * 1000 / per_second)
+}
+
 /// Polls `f` until it holds, failing after `limit`.
 pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut f: F)
 where
@@ -39,24 +60,36 @@ where
     }
 }
 
+/// A numeric field of `INFO <section>`, asked on `observer`.
+pub async fn info_number(observer: &mut Raw, section: &str, field: &str) -> u64 {
+    let (OwnedFrame::BlobString { data, .. } | OwnedFrame::VerbatimString { data, .. }) =
+        observer.cmd(&["INFO", section]).await
+    else {
+        panic!("INFO answers a bulk string");
+    };
+    let prefix = format!("{field}:");
+    String::from_utf8_lossy(&data)
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{field} in INFO {section}"))
+}
+
 /// The clients Redis has connected, `observer` included, from `INFO clients`: cheap even
 /// with thousands of connections, where `CLIENT LIST` would be megabytes per poll.
 pub async fn client_count(observer: &mut Raw) -> usize {
-    info_clients(observer, "connected_clients").await
+    info_number(observer, "clients", "connected_clients").await as usize
+}
+
+/// Every connection Redis has accepted since it started (`total_connections_received`),
+/// closed ones included: what a short-lived probe connection leaves behind.
+pub async fn connections_received(observer: &mut Raw) -> u64 {
+    info_number(observer, "stats", "total_connections_received").await
 }
 
 /// A number from Redis's `INFO clients` (`connected_clients`, `blocked_clients`).
 pub async fn info_clients(observer: &mut Raw, field: &str) -> usize {
-    let (OwnedFrame::BlobString { data, .. } | OwnedFrame::VerbatimString { data, .. }) =
-        observer.cmd(&["INFO", "clients"]).await
-    else {
-        panic!("INFO answers a bulk string");
-    };
-    String::from_utf8_lossy(&data)
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{field} in INFO clients"))
+    info_number(observer, "clients", field).await as usize
 }
 
 /// Waits until `n` of `server`'s clients are blocked (BLPOP, XREAD BLOCK, WAIT).
