@@ -135,14 +135,9 @@ async fn quit_replies_then_closes() {
     assert_eq!(c.read_to_close().await, b"+OK\r\n");
 }
 
-#[tokio::test]
-async fn downstream_password_gates_every_command() {
-    let server = RedisServer::start(ServerAuth::app());
-    let amb = Ambassador::with_client_password(&server).await;
-
-    let mut monitor = server.direct().await;
-    assert_eq!(monitor.cmd(&["MONITOR"]).await, simple("OK"));
-
+/// Commands before, between and after the downstream AUTH, pipelined in one write; ends with
+/// ECHO marker-after-auth, a wrong AUTH, ACL WHOAMI.
+async fn gated_session(amb: &Ambassador) {
     let mut c = amb.connect().await;
     let mut batch = command(&["SET", "leaked", "1"]);
     batch.extend(command(&["AUTH", "wrong"]));
@@ -165,21 +160,38 @@ async fn downstream_password_gates_every_command() {
     assert_eq!(c.reply().await, bulk(b"marker-after-auth"));
     assert!(error_text(&c.reply().await).starts_with("WRONGPASS"));
     assert_eq!(c.reply().await, bulk(USER.as_bytes()));
+}
 
+#[tokio::test]
+async fn downstream_password_gates_every_command() {
+    let server = RedisServer::start(ServerAuth::app());
+    let amb = Ambassador::with_client_password(&server).await;
+    let mut monitor = server.direct().await;
+    assert_eq!(monitor.cmd(&["MONITOR"]).await, simple("OK"));
+    gated_session(&amb).await;
     // Nothing the client sent before authenticating reached the upstream.
-    loop {
-        let line = match monitor.reply().await {
-            OwnedFrame::SimpleString { data, .. } => String::from_utf8_lossy(&data).into_owned(),
-            other => panic!("MONITOR sends status lines, got {other:?}"),
-        };
-        assert!(
-            !line.contains("leaked"),
-            "pre-auth command reached upstream: {line}"
-        );
-        if line.contains("marker-after-auth") {
-            break;
-        }
-    }
+    let seen = monitor_until(&mut monitor, "marker-after-auth").await;
+    assert!(
+        seen.iter().all(|line| !line.contains("leaked")),
+        "pre-auth command reached upstream: {seen:#?}"
+    );
+
+    // Byte for byte, which MONITOR cannot say: a stand-in upstream records what it received.
+    let fake = FakeUpstream::start().await;
+    let amb = Ambassador::with_client_password_at(&fake.addr).await;
+    gated_session(&amb).await;
+    let mut expected = ServerAuth::app().auth_command();
+    expected.extend(command(&["ECHO", "marker-after-auth"]));
+    expected.extend(command(&["ACL", "WHOAMI"]));
+    let received = fake.received();
+    assert!(
+        received == [expected],
+        "the upstream received: {:#?}",
+        received
+            .iter()
+            .map(|r| String::from_utf8_lossy(r))
+            .collect::<Vec<_>>()
+    );
 }
 
 #[tokio::test]

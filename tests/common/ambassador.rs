@@ -82,9 +82,28 @@ impl Ambassador {
     /// An ambassador for `server` whose clients must first `AUTH` with [`CLIENT_PASSWORD`].
     pub async fn with_client_password(server: &RedisServer) -> Ambassador {
         let dir = tempfile::tempdir().unwrap();
+        let profile = profile_for(server, dir.path(), "");
+        Self::requiring_client_password(profile, dir).await
+    }
+
+    /// Like [`with_client_password`](Self::with_client_password), in front of any `upstream`
+    /// address (a [`FakeUpstream`]) with the app user's credentials, and without the probe.
+    pub async fn with_client_password_at(upstream: &str) -> Ambassador {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir.path().join("redis-credentials");
+        std::fs::write(&creds, ServerAuth::app().credential_file()).unwrap();
+        let profile = format!(
+            "[listen]\naddress = \"127.0.0.1:0\"\n\n[upstream]\naddress = \"{upstream}\"\n\n\
+             [credentials]\nfile = \"{}\"\n{NO_PROBES}",
+            creds.display()
+        );
+        Self::requiring_client_password(profile, dir).await
+    }
+
+    async fn requiring_client_password(profile: String, dir: tempfile::TempDir) -> Ambassador {
         let pw = dir.path().join("client-password");
         std::fs::write(&pw, format!("{CLIENT_PASSWORD}\n")).unwrap();
-        let profile = profile_for(server, dir.path(), "").replace(
+        let profile = profile.replace(
             "[upstream]",
             &format!("require_password_file = \"{}\"\n\n[upstream]", pw.display()),
         );

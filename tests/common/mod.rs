@@ -7,13 +7,14 @@ pub mod pki;
 
 mod ambassador;
 mod binary;
+mod fake;
 mod process;
 mod raw;
 mod redis;
 
 // Each test binary uses part of the harness.
 #[allow(unused_imports)]
-pub use {ambassador::*, binary::*, process::*, raw::*, redis::*};
+pub use {ambassador::*, binary::*, fake::*, process::*, raw::*, redis::*};
 
 pub use pki::ServerTls;
 
