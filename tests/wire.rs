@@ -196,28 +196,46 @@ async fn downstream_password_gates_every_command() {
 
 #[tokio::test]
 async fn unreachable_upstream_fails_fast_and_recovers() {
-    let port = free_port();
+    // A port bound but not listening refuses connections, and stays this test's: it starts
+    // listening later without ever being free for another process to take.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = socket.local_addr().unwrap().port();
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("creds"), "x\n").unwrap();
+    std::fs::write(
+        dir.path().join("creds"),
+        ServerAuth::app().credential_file(),
+    )
+    .unwrap();
     let profile = format!(
-        "[upstream]\naddress = \"127.0.0.1:{port}\"\nconnect_timeout = \"2s\"\n[credentials]\nfile = \"{}\"\n",
+        "[upstream]\naddress = \"127.0.0.1:{port}\"\nconnect_timeout = \"5s\"\n[credentials]\nfile = \"{}\"\n{NO_PROBES}",
         dir.path().join("creds").display()
     );
     let config = load_config(dir.path(), &profile);
     let amb = Ambassador::with_config(config, dir).await;
+    for _ in 0..2 {
+        let asked = std::time::Instant::now();
+        let mut c = amb.connect().await;
+        let got = c.read_to_close().await;
+        let text = String::from_utf8_lossy(&got);
+        assert_eq!(
+            text,
+            format!("-ERR ambassador: upstream unavailable (connect to 127.0.0.1:{port}: connection refused)\r\n"),
+        );
+        // Refused, not timed out: the answer does not wait for connect_timeout.
+        assert!(
+            asked.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            asked.elapsed()
+        );
+    }
+
+    // The upstream comes up: the next client is served, without restarting anything.
+    let fake = FakeUpstream::serve(socket.listen(16).unwrap());
     let mut c = amb.connect().await;
-    let got = c.read_to_close().await;
-    let text = String::from_utf8_lossy(&got);
-    assert!(
-        text.starts_with(&format!("-ERR ambassador: upstream unavailable (connect to 127.0.0.1:{port}: connection refused)")),
-        "{text}"
-    );
-    // Still listening: the next client gets the same clear error.
-    let mut again = amb.connect().await;
-    assert!(again
-        .read_to_close()
-        .await
-        .starts_with(b"-ERR ambassador: upstream unavailable"));
+    assert_eq!(c.cmd(&["PING"]).await, simple("PONG"));
+    assert_eq!(c.cmd(&["ACL", "WHOAMI"]).await, bulk(USER.as_bytes()));
+    assert_eq!(fake.received().len(), 1);
 }
 
 #[tokio::test]

@@ -24,7 +24,12 @@ pub struct FakeUpstream {
 
 impl FakeUpstream {
     pub async fn start() -> FakeUpstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(TcpListener::bind("127.0.0.1:0").await.unwrap())
+    }
+
+    /// The fake on a listener the test made: e.g. from a socket it bound long before it
+    /// listened, so that the port refused connections until now and was never free.
+    pub fn serve(listener: TcpListener) -> FakeUpstream {
         let addr = listener.local_addr().unwrap().to_string();
         let received = Arc::new(Mutex::new(Vec::new()));
         let all = Arc::clone(&received);
