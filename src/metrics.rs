@@ -32,6 +32,8 @@ pub struct Metrics {
     pub upstream_target: Family<Labels, Gauge>,
     pub session_reauth: Family<Labels, Counter>,
     pub tls_handshakes: Family<Labels, Counter>,
+    /// Tasks that panicked (see [`crate::task`]); anything but 0 is a bug.
+    pub task_panics: Counter,
     health: Health,
 }
 
@@ -73,6 +75,7 @@ impl Metrics {
             upstream_target: Family::default(),
             session_reauth: Family::default(),
             tls_handshakes: Family::default(),
+            task_panics: Counter::default(),
             health: Health {
                 started: Instant::now(),
                 last_ok_ms: AtomicU64::new(0),
@@ -82,6 +85,11 @@ impl Metrics {
             registry: Registry::default(),
         };
         let r = &mut registry;
+        r.register(
+            "task_panics",
+            "Tasks (sessions, probe, reloader, admin) that panicked: a bug",
+            m.task_panics.clone(),
+        );
         r.register(
             "clients_active",
             "Client connections open now",

@@ -211,6 +211,7 @@ async fn readiness_follows_the_upstream_and_metrics_parse() {
         "ambassador_upstream_handshake_seconds",
         "ambassador_credential_age_seconds",
         "ambassador_upstream_target",
+        "ambassador_task_panics_total",
     ] {
         assert!(
             names.contains(&expected),
