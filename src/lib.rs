@@ -13,7 +13,8 @@
 //! Around them: [`config`] (layers -> validated `Config`), [`credentials`] (the credential
 //! file, and the only place a secret is looked at), [`rotation`] (reloading it), [`probe`]
 //! (the ambassador's own upstream connections: readiness, `--check`, testing new
-//! credentials), [`metrics`] and [`admin`] (`/healthz`, `/readyz`, `/metrics`).
+//! credentials), [`metrics`] and [`admin`] (`/healthz`, `/readyz`, `/metrics`); every
+//! long-lived task runs through [`task::catching`], so a panic is counted, not lost.
 
 pub mod admin;
 pub mod config;
@@ -28,6 +29,7 @@ pub mod relay;
 pub mod resp;
 pub mod rotation;
 pub mod session;
+pub mod task;
 pub mod tls;
 pub mod upstream;
 
@@ -54,6 +56,18 @@ pub async fn run(
     admin: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) {
+    run_with(config, listener, admin, shutdown, Arc::new(Metrics::new())).await
+}
+
+/// [`run`], counting into `metrics`, which the caller keeps: the tests' harness reads
+/// `task_panics` from it when it stops an ambassador.
+pub async fn run_with(
+    config: Config,
+    listener: Listener,
+    admin: Option<TcpListener>,
+    shutdown: impl Future<Output = ()>,
+    metrics: Arc<Metrics>,
+) {
     if config
         .upstream
         .tls
@@ -62,7 +76,6 @@ pub async fn run(
     {
         tracing::warn!("{}", tls::INSECURE_WARNING);
     }
-    let metrics = Arc::new(Metrics::new());
     metrics.set_target(&config.upstream.address.to_string());
     let credentials = CredentialStore::new(config.credentials);
     let shared = Arc::new(Shared {
@@ -97,15 +110,17 @@ pub async fn run(
     let helpers = TaskTracker::new();
     if let Some(admin) = admin {
         let stop = background.clone();
-        helpers.spawn(admin::serve(
+        let serving = admin::serve(
             admin,
             Arc::clone(&metrics),
             config.admin.ready_within,
             async move { stop.cancelled().await },
-        ));
+        );
+        let m = Arc::clone(&metrics);
+        helpers.spawn(async move { task::catching("admin", &m, serving).await });
     }
     if probing {
-        helpers.spawn(probe::keep_probing(
+        let probing = probe::keep_probing(
             config.upstream.clone(),
             config.handshake.clone(),
             config.upstream.expect.clone(),
@@ -113,27 +128,27 @@ pub async fn run(
             Arc::clone(&metrics),
             config.admin.probe_interval,
             background.clone(),
-        ));
+        );
+        let m = Arc::clone(&metrics);
+        helpers.spawn(async move { task::catching("probe", &m, probing).await });
     }
-    helpers.spawn(
-        rotation::Reloader {
-            path: config.credentials_file.clone(),
-            default_username: config.credentials_username.clone(),
-            store: credentials,
-            upstream: config.upstream.clone(),
-            handshake: config.handshake.clone(),
-            expect: config.upstream.expect.clone(),
-            metrics: Arc::clone(&metrics),
-        }
-        .run(background.clone()),
-    );
+    let reloading = rotation::Reloader {
+        path: config.credentials_file.clone(),
+        default_username: config.credentials_username.clone(),
+        store: credentials,
+        upstream: config.upstream.clone(),
+        handshake: config.handshake.clone(),
+        expect: config.upstream.expect.clone(),
+        metrics: Arc::clone(&metrics),
+    }
+    .run(background.clone());
+    let m = Arc::clone(&metrics);
+    helpers.spawn(async move { task::catching("reloader", &m, reloading).await });
 
     if let Some(tls) = &config.upstream.tls {
-        helpers.spawn(tls::watch(
-            tls.clone(),
-            Arc::clone(&metrics),
-            background.clone(),
-        ));
+        let watching = tls::watch(tls.clone(), Arc::clone(&metrics), background.clone());
+        let m = Arc::clone(&metrics);
+        helpers.spawn(async move { task::catching("tls-watch", &m, watching).await });
     }
 
     let stop = CancellationToken::new();

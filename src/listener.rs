@@ -178,7 +178,7 @@ pub async fn accept_loop(
                 metrics.clients_active.inc();
                 tokio::select! {
                     _ = kill.cancelled() => tracing::info!(reason = "Shutdown", "session closed"),
-                    _ = serve(stream, shared) => {}
+                    _ = crate::task::catching("session", &metrics, serve(stream, shared)) => {}
                 }
                 metrics.clients_active.dec();
             }

@@ -39,6 +39,8 @@ pub struct Metrics {
     /// gauge below is derived from it at every render.
     tls_not_after: Mutex<Vec<(&'static str, i64)>>,
     tls_expiry: Family<Labels, Gauge>,
+    /// Tasks that panicked (see [`crate::task`]); anything but 0 is a bug.
+    pub task_panics: Counter,
     health: Health,
 }
 
@@ -85,6 +87,7 @@ impl Metrics {
             tls_reloads: Family::default(),
             tls_not_after: Mutex::new(Vec::new()),
             tls_expiry: Family::default(),
+            task_panics: Counter::default(),
             health: Health {
                 started: Instant::now(),
                 last_ok_ms: AtomicU64::new(0),
@@ -94,6 +97,11 @@ impl Metrics {
             registry: Registry::default(),
         };
         let r = &mut registry;
+        r.register(
+            "task_panics",
+            "Tasks (sessions, probe, reloader, admin) that panicked: a bug",
+            m.task_panics.clone(),
+        );
         r.register(
             "clients_active",
             "Client connections open now",

@@ -168,8 +168,9 @@ async fn ten_thousand_idle_clients_beside_fifty_busy_ones() {
          {per_client} bytes per idle client; descriptors {fds0} -> {fds1}; total {:?}",
         started.elapsed()
     );
+    // The README says about 17 KB, as measured in a debug build.
     assert!(
-        per_client < 32 * 1024,
+        per_client < 24 * 1024,
         "{per_client} bytes of RSS per idle client"
     );
 

@@ -7,7 +7,8 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const VALUE: usize = 256 * 1024 * 1024;
-const ALLOWED_GROWTH_KIB: u64 = 16 * 1024;
+/// The README says about 128 KiB (release); a debug build measured 620 KiB.
+const ALLOWED_GROWTH_KIB: u64 = 1024;
 
 fn peak_rss_kib(pid: u32) -> u64 {
     proc_kib(pid, "VmHWM")

@@ -4,6 +4,7 @@
 mod common;
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -41,8 +42,15 @@ impl SecretMount {
     }
 }
 
+/// The ACL user the rotation test rotates to.
+const ROTATED_USER: &str = "app-rotated";
+
 fn creds(password: &str) -> String {
-    format!("username = \"{USER}\"\npassword = \"{password}\"\n")
+    creds_of(USER, password)
+}
+
+fn creds_of(user: &str, password: &str) -> String {
+    format!("username = \"{user}\"\npassword = \"{password}\"\n")
 }
 
 async fn ambassador_on(server: &RedisServer, secret: &Path, extra: &str) -> Ambassador {
@@ -88,15 +96,25 @@ async fn rotation_is_tested_then_applied_to_new_and_open_sessions() {
     let mut still_old = amb.connect().await;
     assert_eq!(still_old.cmd(&["PING"]).await, simple("PONG"));
 
-    // Redis learns the new password first, then the secret changes: applied.
+    // The secret changes to another ACL user, which Redis knows first: applied. A different
+    // user, so that Redis itself says which credentials each open connection last sent.
     let mut admin = server.direct().await;
     assert_eq!(
         admin
-            .cmd(&["ACL", "SETUSER", USER, ">rotated-pass-2"])
+            .cmd(&[
+                "ACL",
+                "SETUSER",
+                ROTATED_USER,
+                "on",
+                ">rotated-pass-2",
+                "~*",
+                "&*",
+                "+@all"
+            ])
             .await,
         simple("OK")
     );
-    mount.swap(&creds("rotated-pass-2"));
+    mount.swap(&creds_of(ROTATED_USER, "rotated-pass-2"));
     wait_until("the reload is applied", DEADLINE, || async {
         amb.metric("ambassador_credential_reloads_total", ("result", "applied"))
             .await
@@ -104,37 +122,61 @@ async fn rotation_is_tested_then_applied_to_new_and_open_sessions() {
     })
     .await;
     // Both open sessions re-authenticate: the idle one at once, the busy one between commands.
-    let mut batch = command(&["INCR", "k"]);
-    batch.extend(command(&["GET", "k"]));
-    busy.send(&batch).await;
-    assert_eq!(busy.reply().await, int(2));
-    assert_eq!(
-        busy.reply().await,
-        bulk(b"2"),
-        "no stray +OK from the injected AUTH"
-    );
     wait_until("both open sessions re-authenticated", DEADLINE, || async {
         amb.metric("ambassador_session_reauth_total", ("result", "ok"))
             .await
             >= Some(2.0)
     })
     .await;
+    let mut batch = command(&["INCR", "k"]);
+    batch.extend(command(&["ACL", "WHOAMI"]));
+    busy.send(&batch).await;
+    assert_eq!(busy.reply().await, int(2));
     assert_eq!(
-        idle.cmd(&["PING"]).await,
-        simple("PONG"),
-        "no stray +OK on the idle session"
+        busy.reply().await,
+        bulk(ROTATED_USER.as_bytes()),
+        "Redis has the busy session as the new user (and no stray +OK from its AUTH)"
+    );
+    assert_eq!(
+        idle.cmd(&["ACL", "WHOAMI"]).await,
+        bulk(ROTATED_USER.as_bytes()),
+        "Redis has the idle session as the new user (and no stray +OK from its AUTH)"
     );
 
-    // The old password is gone upstream: new connections work, the open ones too.
+    // The old user is switched off and its connections killed: new connections work, the
+    // open ones too, for none of them is the old user's any more.
+    let mut rotated_admin = Raw::connect(&server.addr()).await;
     assert_eq!(
-        admin
-            .cmd(&["ACL", "SETUSER", USER, &format!("<{PASSWORD}")])
+        rotated_admin
+            .cmd(&["AUTH", ROTATED_USER, "rotated-pass-2"])
             .await,
         simple("OK")
     );
+    assert_eq!(
+        rotated_admin.cmd(&["ACL", "SETUSER", USER, "off"]).await,
+        simple("OK")
+    );
+    let killed = rotated_admin.cmd(&["CLIENT", "KILL", "USER", USER]).await;
     let mut fresh = amb.connect().await;
-    assert_eq!(fresh.cmd(&["ACL", "WHOAMI"]).await, bulk(USER.as_bytes()));
-    assert_eq!(busy.cmd(&["GET", "k"]).await, bulk(b"2"));
+    assert_eq!(
+        fresh.cmd(&["ACL", "WHOAMI"]).await,
+        bulk(ROTATED_USER.as_bytes())
+    );
+    assert_eq!(
+        busy.cmd(&["GET", "k"]).await,
+        bulk(b"2"),
+        "killed {killed:?}"
+    );
+    assert_eq!(
+        idle.cmd(&["PING"]).await,
+        simple("PONG"),
+        "killed {killed:?}"
+    );
+    assert_eq!(
+        still_old.cmd(&["ACL", "WHOAMI"]).await,
+        bulk(ROTATED_USER.as_bytes()),
+        "the session opened before the rotation too"
+    );
 }
 
 #[tokio::test]
@@ -169,6 +211,7 @@ async fn readiness_follows_the_upstream_and_metrics_parse() {
         "ambassador_upstream_handshake_seconds",
         "ambassador_credential_age_seconds",
         "ambassador_upstream_target",
+        "ambassador_task_panics_total",
     ] {
         assert!(
             names.contains(&expected),
@@ -210,11 +253,18 @@ async fn a_profile_expecting_another_upstream_refuses_to_relay() {
     let secret = server.credential_file(secret_dir.path());
     let extra = "[upstream.expect]\nuser = \"prod-app\"\ninfo = { redis_mode = \"standalone\" }\n";
     let amb = ambassador_on(&server, &secret, extra).await;
-    wait_until("the mismatch is found", DEADLINE, || async {
-        let (status, body) = amb.admin_get("/readyz").await;
-        status == 503 && body.contains("does not match") || body.contains("expected \"prod-app\"")
+    wait_until("the probe finds the mismatch", DEADLINE, || async {
+        amb.admin_get("/readyz").await.1.contains("prod-app")
     })
     .await;
+    assert_eq!(
+        amb.admin_get("/readyz").await,
+        (
+            503,
+            "not ready: ACL WHOAMI: expected \"prod-app\", got \"app\"\n".to_owned()
+        ),
+        "not ready, and says why"
+    );
     let mut c = amb.connect().await;
     let got = String::from_utf8_lossy(&c.read_to_close().await).into_owned();
     assert!(
@@ -230,15 +280,34 @@ async fn idle_sessions_close_only_when_configured() {
     let dir = tempfile::tempdir().unwrap();
     let profile = profile_for(&server, dir.path(), "").replace(
         "address = \"127.0.0.1:0\"",
-        "address = \"127.0.0.1:0\"\nidle_timeout = \"300ms\"",
+        "address = \"127.0.0.1:0\"\nidle_timeout = \"1s\"",
     );
     let short = Ambassador::with_config(load_config(dir.path(), &profile), dir).await;
     let mut idle = short.connect().await;
+    // Traffic keeps it open past the limit: the limit counts from the last byte, not the start.
+    let opened = Instant::now();
+    while opened.elapsed() < Duration::from_millis(1500) {
+        assert_eq!(
+            idle.cmd(&["PING"]).await,
+            simple("PONG"),
+            "open while in use"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await; // pacing: well inside the limit
+    }
     assert_eq!(idle.cmd(&["PING"]).await, simple("PONG"));
+    let quiet_from = Instant::now();
     assert_eq!(
         idle.read_to_close().await,
         b"",
-        "closed after 300 ms of silence"
+        "closed after 1 s of silence"
+    );
+    let quiet = quiet_from.elapsed();
+    println!("idle session closed after {quiet:?} of silence");
+    // Not before the limit (less the time the last reply took to arrive here); the upper
+    // bound only says the timer fired, not how promptly a loaded machine ran it.
+    assert!(
+        quiet >= Duration::from_millis(900) && quiet < Duration::from_secs(6),
+        "closed after {quiet:?} of silence with a 1 s limit"
     );
 
     // Without the setting, a blocking pop may wait as long as it likes.

@@ -243,7 +243,16 @@ async fn no_auth_ever_changes_the_user() {
     assert_eq!(sub.reply().await, bulk(USER.as_bytes()), "{before_reset:?}");
     still_app(&mut sub, "AUTH while subscribed").await;
 
-    // Redis's own view: no connection of the ambassador's runs as admin or default.
+    // Redis's own view: no connection of the ambassador's runs as admin or default, and
+    // both sessions' own connections (found by their ids, whatever else the probe has open)
+    // run as app.
+    let mut ids = Vec::new();
+    for session in [&mut c, &mut sub] {
+        let OwnedFrame::Number { data: id, .. } = session.cmd(&["CLIENT", "ID"]).await else {
+            panic!("CLIENT ID answers a number");
+        };
+        ids.push(id);
+    }
     let OwnedFrame::BlobString { data, .. } = admin.cmd(&["CLIENT", "LIST"]).await else {
         panic!("CLIENT LIST");
     };
@@ -258,7 +267,13 @@ async fn no_auth_ever_changes_the_user() {
         "only the observer is admin: {list}"
     );
     assert!(!users.contains(&"default"), "{list}");
-    assert_eq!(users.iter().filter(|u| **u == USER).count(), 2, "{list}");
+    for id in ids {
+        let line = list
+            .lines()
+            .find(|l| l.starts_with(&format!("id={id} ")))
+            .unwrap_or_else(|| panic!("no client {id}: {list}"));
+        assert!(line.contains(&format!(" user={USER} ")), "{line}");
+    }
 }
 
 /// Redis's limits before authentication (CVE-2021-32675) hold from a client's first byte:
@@ -291,6 +306,89 @@ async fn unauthenticated_limits_apply_from_the_first_command() {
                 });
         assert_eq!(String::from_utf8_lossy(&got), error);
     }
+}
+
+/// What [`nothing_reaches_the_upstream_before_the_client_authenticated`] checks with MONITOR,
+/// byte for byte: MONITOR shows only commands Redis parsed and ran, so bytes forwarded in part
+/// (a header without its value, half a frame) would not show there. A stand-in upstream that
+/// records every byte says that each connection carried the ambassador's AUTH and, after the
+/// client's own AUTH, the client's command, and nothing else.
+#[tokio::test]
+async fn not_a_byte_reaches_the_upstream_before_the_client_authenticated() {
+    let fake = FakeUpstream::start().await;
+    let amb = Ambassador::with_client_password_at(&fake.addr).await;
+
+    // Commands, inline and multibulk, wrong passwords, HELLO, MULTI.
+    let mut a = amb.connect().await;
+    let mut batch = command(&["SET", "leak:a", "v"]);
+    batch.extend(b"PING leak:b\r\n");
+    batch.extend(command(&["AUTH", "leak:wrong"]));
+    batch.extend(command(&["AUTH", ADMIN, ADMIN_PW]));
+    batch.extend(command(&["HELLO", "3", "AUTH", "default", DEFAULT_PW]));
+    batch.extend(command(&["MULTI"]));
+    batch.extend(command(&["ECHO", "leak:c"]));
+    a.send(&batch).await;
+    for _ in 0..7 {
+        let reply = error_text(&a.reply().await);
+        assert!(
+            reply.starts_with("NOAUTH") || reply.starts_with("WRONGPASS"),
+            "{reply}"
+        );
+    }
+    // A value's header and part of it, then a close.
+    let mut b = amb.connect().await;
+    b.send(b"*3\r\n$3\r\nSET\r\n$6\r\nleak:d\r\n$1000\r\nxxxx")
+        .await;
+    // A value too long before AUTH: refused at its length line.
+    let mut c = amb.connect().await;
+    c.send(&command(&["PING"])).await;
+    c.send(b"*3\r\n$3\r\nSET\r\n$6\r\nleak:e\r\n$20000\r\n")
+        .await;
+    c.send(&[b'x'; 20_000]).await;
+    assert_eq!(
+        String::from_utf8_lossy(&c.read_to_close().await),
+        "-NOAUTH Authentication required.\r\n-ERR Protocol error: unauthenticated bulk length\r\n",
+    );
+    // Half an inline command.
+    let mut d = amb.connect().await;
+    d.send(b"SET leak:f").await;
+    // Pipelined: the command before AUTH stays behind, the one after goes through.
+    let mut e = amb.connect().await;
+    let mut batch = command(&["ECHO", "leak:g"]);
+    batch.extend(command(&["AUTH", CLIENT_PASSWORD]));
+    batch.extend(command(&["ECHO", "after-auth"]));
+    e.send(&batch).await;
+    assert!(error_text(&e.reply().await).starts_with("NOAUTH"));
+    assert!(is_ok(&e.reply().await));
+    assert_eq!(e.reply().await, bulk(b"after-auth"));
+
+    // Every connection but the authenticated one closed: what they carried is final.
+    drop((a, b, d));
+    wait_until(
+        "five sessions upstream, every unauthenticated one closed",
+        DEADLINE,
+        || async { fake.received().len() == 5 && fake.closed() + 1 == fake.connections() },
+    )
+    .await;
+    let handshake = ServerAuth::app().auth_command();
+    let mut authenticated = handshake.clone();
+    authenticated.extend(command(&["ECHO", "after-auth"]));
+    let received = fake.received();
+    let shown: Vec<String> = received
+        .iter()
+        .map(|r| String::from_utf8_lossy(r).into_owned())
+        .collect();
+    assert!(
+        received
+            .iter()
+            .all(|r| *r == handshake || *r == authenticated),
+        "the upstream received more than the ambassador's AUTH: {shown:#?}"
+    );
+    assert_eq!(
+        received.iter().filter(|r| **r == authenticated).count(),
+        1,
+        "{shown:#?}"
+    );
 }
 
 #[tokio::test]
@@ -365,17 +463,7 @@ async fn nothing_reaches_the_upstream_before_the_client_authenticated() {
     still_app(&mut d, "the downstream AUTH").await;
 
     // MONITOR shows commands in the order Redis ran them: everything before the marker.
-    let mut seen = Vec::new();
-    loop {
-        let OwnedFrame::SimpleString { data, .. } = monitor.reply().await else {
-            panic!("MONITOR lines are status replies");
-        };
-        let line = String::from_utf8_lossy(&data).into_owned();
-        if line.contains("marker-after-auth") {
-            break;
-        }
-        seen.push(line);
-    }
+    let seen = monitor_until(&mut monitor, "marker-after-auth").await;
     let leaked: Vec<&String> = seen.iter().filter(|l| l.contains("leak")).collect();
     assert!(leaked.is_empty(), "reached Redis before AUTH: {leaked:#?}");
     assert!(

@@ -412,15 +412,7 @@ async fn monitor_sees_other_clients_but_never_the_password() {
     assert_eq!(direct.cmd(&["SET", "direct-key", "x"]).await, ok());
     assert_eq!(c.cmd(&["PING", "end-marker"]).await, bulk(b"end-marker"));
 
-    let mut seen: Vec<String> = Vec::new();
-    loop {
-        let line = text(&monitor.reply().await);
-        let done = line.contains("\"end-marker\"");
-        seen.push(line);
-        if done {
-            break;
-        }
-    }
+    let seen = monitor_until(&mut monitor, "\"end-marker\"").await;
     let all = seen.join("\n");
     assert!(
         !all.contains(PASSWORD),

@@ -133,6 +133,16 @@ async fn an_ip_address_is_verified_against_the_ip_san() {
     let tls = toml_path("ca_file", &pki.ca);
     let amb = ambassador(&server, &server.tls_addr("127.0.0.1"), &tls).await;
     assert_relays(&amb).await;
+    // The same server verified as another IP address: the certificate does not name it.
+    let tls = format!(
+        "server_name = \"127.0.0.2\"\n{}",
+        toml_path("ca_file", &pki.ca)
+    );
+    let amb = ambassador(&server, &server.tls_addr("127.0.0.1"), &tls).await;
+    assert_refused(
+        &refusal(&amb).await,
+        "certificate not valid for server name 127.0.0.2",
+    );
 }
 
 #[tokio::test]

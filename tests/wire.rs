@@ -135,14 +135,9 @@ async fn quit_replies_then_closes() {
     assert_eq!(c.read_to_close().await, b"+OK\r\n");
 }
 
-#[tokio::test]
-async fn downstream_password_gates_every_command() {
-    let server = RedisServer::start(ServerAuth::app());
-    let amb = Ambassador::with_client_password(&server).await;
-
-    let mut monitor = server.direct().await;
-    assert_eq!(monitor.cmd(&["MONITOR"]).await, simple("OK"));
-
+/// Commands before, between and after the downstream AUTH, pipelined in one write; ends with
+/// ECHO marker-after-auth, a wrong AUTH, ACL WHOAMI.
+async fn gated_session(amb: &Ambassador) {
     let mut c = amb.connect().await;
     let mut batch = command(&["SET", "leaked", "1"]);
     batch.extend(command(&["AUTH", "wrong"]));
@@ -165,47 +160,82 @@ async fn downstream_password_gates_every_command() {
     assert_eq!(c.reply().await, bulk(b"marker-after-auth"));
     assert!(error_text(&c.reply().await).starts_with("WRONGPASS"));
     assert_eq!(c.reply().await, bulk(USER.as_bytes()));
+}
 
+#[tokio::test]
+async fn downstream_password_gates_every_command() {
+    let server = RedisServer::start(ServerAuth::app());
+    let amb = Ambassador::with_client_password(&server).await;
+    let mut monitor = server.direct().await;
+    assert_eq!(monitor.cmd(&["MONITOR"]).await, simple("OK"));
+    gated_session(&amb).await;
     // Nothing the client sent before authenticating reached the upstream.
-    loop {
-        let line = match monitor.reply().await {
-            OwnedFrame::SimpleString { data, .. } => String::from_utf8_lossy(&data).into_owned(),
-            other => panic!("MONITOR sends status lines, got {other:?}"),
-        };
-        assert!(
-            !line.contains("leaked"),
-            "pre-auth command reached upstream: {line}"
-        );
-        if line.contains("marker-after-auth") {
-            break;
-        }
-    }
+    let seen = monitor_until(&mut monitor, "marker-after-auth").await;
+    assert!(
+        seen.iter().all(|line| !line.contains("leaked")),
+        "pre-auth command reached upstream: {seen:#?}"
+    );
+
+    // Byte for byte, which MONITOR cannot say: a stand-in upstream records what it received.
+    let fake = FakeUpstream::start().await;
+    let amb = Ambassador::with_client_password_at(&fake.addr).await;
+    gated_session(&amb).await;
+    let mut expected = ServerAuth::app().auth_command();
+    expected.extend(command(&["ECHO", "marker-after-auth"]));
+    expected.extend(command(&["ACL", "WHOAMI"]));
+    let received = fake.received();
+    assert!(
+        received == [expected],
+        "the upstream received: {:#?}",
+        received
+            .iter()
+            .map(|r| String::from_utf8_lossy(r))
+            .collect::<Vec<_>>()
+    );
 }
 
 #[tokio::test]
 async fn unreachable_upstream_fails_fast_and_recovers() {
-    let port = free_port();
+    // A port bound but not listening refuses connections, and stays this test's: it starts
+    // listening later without ever being free for another process to take.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = socket.local_addr().unwrap().port();
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("creds"), "x\n").unwrap();
+    std::fs::write(
+        dir.path().join("creds"),
+        ServerAuth::app().credential_file(),
+    )
+    .unwrap();
     let profile = format!(
-        "[upstream]\naddress = \"127.0.0.1:{port}\"\nconnect_timeout = \"2s\"\n[credentials]\nfile = \"{}\"\n",
+        "[upstream]\naddress = \"127.0.0.1:{port}\"\nconnect_timeout = \"5s\"\n[credentials]\nfile = \"{}\"\n{NO_PROBES}",
         dir.path().join("creds").display()
     );
     let config = load_config(dir.path(), &profile);
     let amb = Ambassador::with_config(config, dir).await;
+    for _ in 0..2 {
+        let asked = std::time::Instant::now();
+        let mut c = amb.connect().await;
+        let got = c.read_to_close().await;
+        let text = String::from_utf8_lossy(&got);
+        assert_eq!(
+            text,
+            format!("-ERR ambassador: upstream unavailable (connect to 127.0.0.1:{port}: connection refused)\r\n"),
+        );
+        // Refused, not timed out: the answer does not wait for connect_timeout.
+        assert!(
+            asked.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            asked.elapsed()
+        );
+    }
+
+    // The upstream comes up: the next client is served, without restarting anything.
+    let fake = FakeUpstream::serve(socket.listen(16).unwrap());
     let mut c = amb.connect().await;
-    let got = c.read_to_close().await;
-    let text = String::from_utf8_lossy(&got);
-    assert!(
-        text.starts_with(&format!("-ERR ambassador: upstream unavailable (connect to 127.0.0.1:{port}: connection refused)")),
-        "{text}"
-    );
-    // Still listening: the next client gets the same clear error.
-    let mut again = amb.connect().await;
-    assert!(again
-        .read_to_close()
-        .await
-        .starts_with(b"-ERR ambassador: upstream unavailable"));
+    assert_eq!(c.cmd(&["PING"]).await, simple("PONG"));
+    assert_eq!(c.cmd(&["ACL", "WHOAMI"]).await, bulk(USER.as_bytes()));
+    assert_eq!(fake.received().len(), 1);
 }
 
 #[tokio::test]

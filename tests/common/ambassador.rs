@@ -1,11 +1,14 @@
 //! The ambassador in-process on an ephemeral port, configured from profile text as data,
 //! and a minimal HTTP client for its admin endpoint.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 
 use prometheus_parse::{Scrape, Value};
 use redis_ambassador::config::{Config, ConfigErrors, LoadOptions};
+use redis_ambassador::metrics::Metrics;
 use redis_ambassador::Listener;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -38,13 +41,17 @@ pub fn try_load_config(dir: &Path, profile_text: &str) -> Result<Config, ConfigE
     })
 }
 
-/// The ambassador running in-process on an ephemeral port; stopped on drop.
+/// The ambassador running in-process on an ephemeral port; stopped on drop, which fails the
+/// test if the ambassador or any of its tasks (a session, the probe) panicked: tokio keeps a
+/// spawned task's panic in its `JoinHandle`, and the sessions' handles are never awaited.
 pub struct Ambassador {
     pub addr: SocketAddr,
     /// The admin endpoint (`/healthz`, `/readyz`, `/metrics`).
     pub admin: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
+    /// The ambassador's own metrics: `task_panics` counts its tasks' caught panics.
+    metrics: Arc<Metrics>,
     pub dir: tempfile::TempDir,
 }
 
@@ -68,19 +75,22 @@ impl Ambassador {
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_addr = admin.local_addr().unwrap();
         let (tx, rx) = oneshot::channel();
-        let task = tokio::spawn(redis_ambassador::run(
+        let metrics = Arc::new(Metrics::new());
+        let task = tokio::spawn(redis_ambassador::run_with(
             config,
             Listener::Tcp(listener),
             Some(admin),
             async {
                 let _ = rx.await;
             },
+            Arc::clone(&metrics),
         ));
         Ambassador {
             addr,
             admin: admin_addr,
             stop: Some(tx),
             task: Some(task),
+            metrics,
             dir,
         }
     }
@@ -88,9 +98,28 @@ impl Ambassador {
     /// An ambassador for `server` whose clients must first `AUTH` with [`CLIENT_PASSWORD`].
     pub async fn with_client_password(server: &RedisServer) -> Ambassador {
         let dir = tempfile::tempdir().unwrap();
+        let profile = profile_for(server, dir.path(), "");
+        Self::requiring_client_password(profile, dir).await
+    }
+
+    /// Like [`with_client_password`](Self::with_client_password), in front of any `upstream`
+    /// address (a [`FakeUpstream`]) with the app user's credentials, and without the probe.
+    pub async fn with_client_password_at(upstream: &str) -> Ambassador {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir.path().join("redis-credentials");
+        std::fs::write(&creds, ServerAuth::app().credential_file()).unwrap();
+        let profile = format!(
+            "[listen]\naddress = \"127.0.0.1:0\"\n\n[upstream]\naddress = \"{upstream}\"\n\n\
+             [credentials]\nfile = \"{}\"\n{NO_PROBES}",
+            creds.display()
+        );
+        Self::requiring_client_password(profile, dir).await
+    }
+
+    async fn requiring_client_password(profile: String, dir: tempfile::TempDir) -> Ambassador {
         let pw = dir.path().join("client-password");
         std::fs::write(&pw, format!("{CLIENT_PASSWORD}\n")).unwrap();
-        let profile = profile_for(server, dir.path(), "").replace(
+        let profile = profile.replace(
             "[upstream]",
             &format!("require_password_file = \"{}\"\n\n[upstream]", pw.display()),
         );
@@ -130,22 +159,46 @@ impl Ambassador {
         format!("redis://{}", self.addr)
     }
 
-    /// Stops accepting and waits for the drain to finish.
+    /// Stops accepting and waits for the drain to finish; fails if anything panicked.
     pub async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
         if let Some(task) = self.task.take() {
-            let _ = tokio::time::timeout(DEADLINE * 4, task).await;
+            match tokio::time::timeout(DEADLINE * 4, task).await {
+                Ok(Err(e)) if e.is_panic() => panic!("the ambassador panicked"),
+                Ok(_) => {}
+                Err(_) => panic!("the ambassador did not stop within {:?}", DEADLINE * 4),
+            }
         }
+        // Drop checks the tasks' panics.
     }
 }
 
 impl Drop for Ambassador {
     fn drop(&mut self) {
-        if let Some(task) = &self.task {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        // Drop cannot await: the run task is polled once to learn whether it already ended
+        // in a panic, then aborted.
+        let mut ended_in_panic = false;
+        if let Some(mut task) = self.task.take() {
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            if let std::task::Poll::Ready(Err(e)) = std::pin::Pin::new(&mut task).poll(&mut cx) {
+                ended_in_panic = e.is_panic();
+            }
             task.abort();
         }
+        if std::thread::panicking() {
+            return; // the test failed already; a second panic would abort the process
+        }
+        assert!(!ended_in_panic, "the ambassador panicked");
+        let panics = self.metrics.task_panics.get();
+        assert_eq!(
+            panics, 0,
+            "{panics} of the ambassador's tasks panicked (the panic message is above)"
+        );
     }
 }
 

@@ -14,9 +14,11 @@ pub struct Binary {
     pub addr: String,
     /// The admin endpoint's address, or "off".
     pub admin: String,
-    /// The stderr lines before the 'listening' line.
+    /// The stderr lines up to the 'listening' line, that one included.
     pub startup_lines: Vec<String>,
     pub stderr_lines: std::sync::mpsc::Receiver<String>,
+    /// Everything the process writes to stdout, read to its end by a thread of its own.
+    stdout: Option<std::thread::JoinHandle<String>>,
 }
 
 impl Binary {
@@ -28,10 +30,16 @@ impl Binary {
             .env_remove("AMBASSADOR_CONFIG_DIR")
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn redis-ambassador");
+        let mut stdout = child.stdout.take().unwrap();
+        let stdout = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut stdout, &mut text);
+            text
+        });
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -48,6 +56,7 @@ impl Binary {
             admin: String::new(),
             startup_lines: Vec::new(),
             stderr_lines: rx,
+            stdout: Some(stdout),
         };
         let deadline = Instant::now() + DEADLINE;
         let mut seen = Vec::new();
@@ -63,6 +72,7 @@ impl Binary {
                     .nth(1)
                     .and_then(|r| r.split_whitespace().next());
                 bin.admin = admin.unwrap_or("off").to_owned();
+                seen.push(line);
                 bin.startup_lines = seen;
                 return bin;
             }
@@ -76,6 +86,7 @@ impl Binary {
                 };
                 bin.addr = field("address").expect("address in the JSON listening line");
                 bin.admin = field("admin").unwrap_or_else(|| "off".into());
+                seen.push(line);
                 bin.startup_lines = seen;
                 return bin;
             }
@@ -121,6 +132,28 @@ impl Binary {
                 Err(e) => panic!("stderr did not end: {e}"),
             }
         }
+    }
+
+    /// Everything the process wrote to stdout: call after it exited, once.
+    pub fn stdout_to_end(&mut self) -> String {
+        let reader = self.stdout.take().expect("stdout read once");
+        let deadline = Instant::now() + DEADLINE;
+        while !reader.is_finished() {
+            assert!(Instant::now() < deadline, "stdout did not end");
+            std::thread::sleep(Duration::from_millis(10)); // polling interval
+        }
+        reader.join().expect("the stdout reader")
+    }
+
+    /// Everything the process printed on both streams, the lines before 'listening' included:
+    /// call after it exited, once.
+    pub fn output_to_end(&mut self) -> String {
+        let mut all = self.startup_lines.join("\n");
+        all.push('\n');
+        all.push_str(&self.stderr_to_end());
+        all.push('\n');
+        all.push_str(&self.stdout_to_end());
+        all
     }
 }
 

@@ -180,3 +180,29 @@ pub fn error_text(f: &OwnedFrame) -> String {
         other => panic!("expected an error, got {other:?}"),
     }
 }
+
+/// MONITOR lines on `monitor` up to and including the first that contains `marker`, within
+/// [`DEADLINE`] overall. Each read has its own deadline, but other clients (the probe, a
+/// bystander) keep a monitor busy: without an overall one, a lost marker would hang the test.
+pub async fn monitor_until(monitor: &mut Raw, marker: &str) -> Vec<String> {
+    let deadline = Instant::now() + DEADLINE;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(frame) = tokio::time::timeout(left, monitor.reply()).await else {
+            panic!(
+                "no MONITOR line with {marker:?} within {DEADLINE:?}; seen:\n{}",
+                seen.join("\n")
+            );
+        };
+        let line = match frame {
+            OwnedFrame::SimpleString { data, .. } => String::from_utf8_lossy(&data).into_owned(),
+            other => panic!("MONITOR sends status lines, got {other:?}"),
+        };
+        let done = line.contains(marker);
+        seen.push(line);
+        if done {
+            return seen;
+        }
+    }
+}
