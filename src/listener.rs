@@ -178,7 +178,8 @@ pub async fn accept_loop(
                 metrics.clients_active.inc();
                 tokio::select! {
                     _ = kill.cancelled() => tracing::info!(reason = "Shutdown", "session closed"),
-                    _ = crate::task::catching("session", &metrics, serve(stream, shared)) => {}
+                    // Boxed: passed by value, the session's future would be held twice.
+                    _ = crate::task::catching("session", &metrics, Box::pin(serve(stream, shared))) => {}
                 }
                 metrics.clients_active.dec();
             }

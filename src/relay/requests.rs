@@ -98,7 +98,8 @@ where
                 // After QUIT: the reply side ends the session at its +OK. Should the upstream
                 // never get to it (a blocked command before QUIT), the client's leaving ends
                 // the session, as it would end the client's Redis connection.
-                let mut sink = [0u8; 4096];
+                // On the heap: an array here would enlarge every session's future.
+                let mut sink = vec![0u8; 4096];
                 while matches!(self.client.read(&mut sink).await, Ok(n) if n > 0) {}
                 let _ = self.upstream.shutdown().await;
                 return Ok(Close::ClientClosed);

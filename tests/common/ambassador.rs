@@ -70,16 +70,27 @@ impl Ambassador {
     /// [`with_config`](Self::with_config) with clients accepted on `ip` (a test namespace's
     /// outer address), on an ephemeral port.
     pub async fn listening_on(config: Config, dir: tempfile::TempDir, ip: &str) -> Ambassador {
+        Self::spawn(config, dir, ip, true).await
+    }
+
+    /// With `admin` false there is no admin endpoint, and so no periodic probe: the upstream
+    /// sees the sessions' connections only.
+    async fn spawn(config: Config, dir: tempfile::TempDir, ip: &str, admin: bool) -> Ambassador {
         let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin_addr = admin.local_addr().unwrap();
+        let admin = match admin {
+            true => Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            false => None,
+        };
+        let admin_addr = admin
+            .as_ref()
+            .map_or(([127, 0, 0, 1], 0).into(), |a| a.local_addr().unwrap());
         let (tx, rx) = oneshot::channel();
         let metrics = Arc::new(Metrics::new());
         let task = tokio::spawn(redis_ambassador::run_with(
             config,
             Listener::Tcp(listener),
-            Some(admin),
+            admin,
             async {
                 let _ = rx.await;
             },
@@ -99,31 +110,34 @@ impl Ambassador {
     pub async fn with_client_password(server: &RedisServer) -> Ambassador {
         let dir = tempfile::tempdir().unwrap();
         let profile = profile_for(server, dir.path(), "");
-        Self::requiring_client_password(profile, dir).await
+        let config = Self::requiring_client_password(profile, &dir);
+        Self::with_config(config, dir).await
     }
 
     /// Like [`with_client_password`](Self::with_client_password), in front of any `upstream`
-    /// address (a [`FakeUpstream`]) with the app user's credentials, and without the probe.
+    /// address (a [`FakeUpstream`]) with the app user's credentials, and without the admin
+    /// endpoint, so without the probe.
     pub async fn with_client_password_at(upstream: &str) -> Ambassador {
         let dir = tempfile::tempdir().unwrap();
         let creds = dir.path().join("redis-credentials");
         std::fs::write(&creds, ServerAuth::app().credential_file()).unwrap();
         let profile = format!(
             "[listen]\naddress = \"127.0.0.1:0\"\n\n[upstream]\naddress = \"{upstream}\"\n\n\
-             [credentials]\nfile = \"{}\"\n{NO_PROBES}",
+             [credentials]\nfile = \"{}\"\n",
             creds.display()
         );
-        Self::requiring_client_password(profile, dir).await
+        let config = Self::requiring_client_password(profile, &dir);
+        Self::spawn(config, dir, "127.0.0.1", false).await
     }
 
-    async fn requiring_client_password(profile: String, dir: tempfile::TempDir) -> Ambassador {
+    fn requiring_client_password(profile: String, dir: &tempfile::TempDir) -> Config {
         let pw = dir.path().join("client-password");
         std::fs::write(&pw, format!("{CLIENT_PASSWORD}\n")).unwrap();
         let profile = profile.replace(
             "[upstream]",
             &format!("require_password_file = \"{}\"\n\n[upstream]", pw.display()),
         );
-        Self::with_config(load_config(dir.path(), &profile), dir).await
+        load_config(dir.path(), &profile)
     }
 
     pub async fn connect(&self) -> Raw {
