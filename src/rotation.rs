@@ -78,7 +78,7 @@ impl Reloader {
                     pending = self.read_changed();
                     retry = Duration::from_secs(1);
                 }
-                _ = retry_due => retry = (retry * 2).min(RETRY_MAX),
+                _ = retry_due => retry = next_retry(retry),
             }
             if let Some(candidate) = pending.take() {
                 pending = self.try_apply(candidate).await;
@@ -123,6 +123,11 @@ impl Reloader {
     }
 }
 
+/// The wait before the next retry: twice the last, at most `RETRY_MAX`.
+fn next_retry(last: Duration) -> Duration {
+    (last * 2).min(RETRY_MAX)
+}
+
 fn watch_folder(
     file: &Path,
     tx: mpsc::UnboundedSender<()>,
@@ -133,10 +138,29 @@ fn watch_folder(
         _ => PathBuf::from("."),
     };
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        // Reading the file is an event in the folder too (open, close): counting it as a
+        // change made every read trigger the next, so a refused file was retried every
+        // SETTLE instead of with backoff.
+        let changed = event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_)));
+        if changed {
             let _ = tx.send(());
         }
     })?;
     watcher.watch(&folder, notify::RecursiveMode::NonRecursive)?;
     Ok(watcher)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_double_from_one_second_up_to_thirty() {
+        let mut waits = vec![Duration::from_secs(1)];
+        for _ in 0..6 {
+            waits.push(next_retry(*waits.last().unwrap()));
+        }
+        let secs: Vec<u64> = waits.iter().map(Duration::as_secs).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 30, 30]);
+    }
 }
