@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use common::*;
 use redis_protocol::resp3::types::OwnedFrame;
@@ -171,6 +171,14 @@ async fn reauth_waits_until_exec() {
         ],
         "{lines:?}"
     );
+    let reauths = ("result", "ok");
+    assert_eq!(
+        rig.amb
+            .metric("ambassador_session_reauth_total", reauths)
+            .await,
+        Some(1.0),
+        "one session, re-authenticated once"
+    );
     // The session now holds the new password: removing the old one upstream changes nothing.
     let mut admin = rig.server.direct().await;
     let old = format!("<{PASSWORD}");
@@ -315,4 +323,245 @@ async fn a_file_renamed_over_the_credential_file_is_seen() {
     );
     let mut c = rig.amb.connect().await;
     assert_eq!(c.cmd(&["ACL", "WHOAMI"]).await, bulk(USER.as_bytes()));
+}
+
+/// Credentials the upstream refuses are tried again after 1 s, then 2 s, then 4 s (doubling;
+/// the 30 s ceiling is `rotation::next_retry`'s unit test), and applied once it accepts them.
+#[tokio::test]
+async fn refused_credentials_are_retried_with_a_doubling_backoff() {
+    let rig = Rig::new("").await;
+    rename_over(&rig.secret, &creds("not-yet-accepted"));
+    let rejected = || async {
+        rig.amb
+            .metric(
+                "ambassador_credential_reloads_total",
+                ("result", "rejected"),
+            )
+            .await
+            .unwrap_or(0.0)
+    };
+    // When each of the first three refusals is counted.
+    let mut at = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while at.len() < 3 {
+        assert!(Instant::now() < deadline, "refusals seen at {at:?}");
+        if rejected().await >= (at.len() + 1) as f64 {
+            at.push(Instant::now());
+        } else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let mut admin = rig.server.direct().await;
+    let add = ">not-yet-accepted";
+    assert_eq!(
+        admin.cmd(&["ACL", "SETUSER", USER, add]).await,
+        simple("OK")
+    );
+    wait_until(
+        "the retry applies them",
+        Duration::from_secs(30),
+        || async {
+            rig.amb
+                .metric("ambassador_credential_reloads_total", ("result", "applied"))
+                .await
+                == Some(1.0)
+        },
+    )
+    .await;
+    at.push(Instant::now());
+    assert_eq!(
+        rejected().await,
+        3.0,
+        "no retry between the third and the fourth"
+    );
+    let gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
+    // Lower bounds only (a loaded machine makes a retry late, never early), each twice the one
+    // before with 100 ms of slack for the polling: a constant interval fails here.
+    for (gap, want) in gaps.iter().zip([1000, 2000, 4000]) {
+        assert!(
+            *gap >= Duration::from_millis(want - 100),
+            "retries after {gaps:?}, expected 1 s, 2 s, 4 s"
+        );
+    }
+}
+
+/// The value in `/metrics` of the sample written exactly `name` (labels included, as the
+/// exposition writes them), e.g. `ambassador_upstream_handshake_seconds_count`.
+async fn sample(amb: &Ambassador, name: &str) -> Option<f64> {
+    let (_, body) = amb.admin_get("/metrics").await;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .map(|v| v.split(' ').next().unwrap().parse().unwrap())
+}
+
+/// The metrics README lists, by value, after a known sequence of sessions.
+#[tokio::test]
+async fn metrics_count_what_happened() {
+    let server = RedisServer::start(ServerAuth::app());
+    let started = Instant::now();
+    // max_clients 2, so a third client is refused.
+    let dir = tempfile::tempdir().unwrap();
+    let profile = profile_for(&server, dir.path(), NO_PROBES).replace(
+        "address = \"127.0.0.1:0\"",
+        "address = \"127.0.0.1:0\"\nmax_clients = 2",
+    );
+    let amb = Ambassador::with_config(load_config(dir.path(), &profile), dir).await;
+    let value = |name: &'static str, label: (&'static str, &'static str)| amb.metric(name, label);
+    assert_eq!(value("ambassador_clients_total", ("", "")).await, Some(0.0));
+    let target = server.addr();
+    assert_eq!(
+        amb.metric("ambassador_upstream_target", ("address", &target))
+            .await,
+        Some(1.0)
+    );
+
+    // Two sessions, with known bytes each way.
+    let mut a = amb.connect().await;
+    let mut b = amb.connect().await;
+    let (ping, set) = (command(&["PING"]), command(&["SET", "k", "12345"]));
+    a.send(&ping).await;
+    assert_eq!(a.reply().await, simple("PONG"));
+    b.send(&set).await;
+    assert_eq!(b.reply().await, simple("OK"));
+    assert_eq!(
+        value("ambassador_clients_active", ("", "")).await,
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(&amb, "ambassador_upstream_handshake_seconds_count").await,
+        Some(2.0)
+    );
+
+    // A third is refused with Redis's own words.
+    let mut refused = amb.connect().await;
+    assert_eq!(
+        refused.read_to_close().await,
+        b"-ERR max number of clients reached\r\n"
+    );
+    let reason = ("reason", "max_clients");
+    assert_eq!(
+        value("ambassador_clients_refused_total", reason).await,
+        Some(1.0)
+    );
+    assert_eq!(value("ambassador_clients_total", ("", "")).await, Some(3.0));
+
+    // Bytes are counted when a session ends.
+    drop((a, b));
+    wait_until("both sessions ended", DEADLINE, || async {
+        amb.metric("ambassador_clients_active", ("", "")).await == Some(0.0)
+    })
+    .await;
+    let sent = (ping.len() + set.len()) as f64;
+    let received = (b"+PONG\r\n".len() + b"+OK\r\n".len()) as f64;
+    let dir = |d: &'static str| amb.metric("ambassador_relayed_bytes_total", ("direction", d));
+    assert_eq!(dir("client_to_upstream").await, Some(sent));
+    assert_eq!(dir("upstream_to_client").await, Some(received));
+
+    // The upstream stops accepting the password: one refused handshake.
+    let mut admin = server.direct().await;
+    let old = format!("<{PASSWORD}");
+    assert_eq!(
+        admin.cmd(&["ACL", "SETUSER", USER, ">other", &old]).await,
+        simple("OK")
+    );
+    let mut c = amb.connect().await;
+    assert!(c
+        .read_to_close()
+        .await
+        .starts_with(b"-ERR ambassador: upstream authentication failed"));
+    assert_eq!(
+        value("ambassador_upstream_auth_failures_total", ("", "")).await,
+        Some(1.0)
+    );
+    let age = value("ambassador_credential_age_seconds", ("", ""))
+        .await
+        .unwrap();
+    assert!(
+        (0.0..=started.elapsed().as_secs_f64() + 1.0).contains(&age),
+        "credential age {age} s, test running for {:?}",
+        started.elapsed()
+    );
+}
+
+/// Whether Redis lists the client with this id.
+async fn listed(admin: &mut Raw, id: &str) -> bool {
+    match admin.cmd(&["CLIENT", "LIST", "ID", id]).await {
+        OwnedFrame::BlobString { data, .. } => !data.is_empty(),
+        other => panic!("CLIENT LIST answered {other:?}"),
+    }
+}
+
+/// QUIT is forwarded: the client gets Redis's +OK and a close, and Redis no longer has the
+/// upstream connection.
+#[tokio::test]
+async fn quit_closes_the_upstream_connection_too() {
+    let server = RedisServer::start(ServerAuth::app());
+    let amb = Ambassador::start(&server, NO_PROBES).await;
+    let mut c = amb.connect().await;
+    let OwnedFrame::Number { data: id, .. } = c.cmd(&["CLIENT", "ID"]).await else {
+        panic!("CLIENT ID answers a number");
+    };
+    let id = id.to_string();
+    let mut admin = server.direct().await;
+    assert!(
+        listed(&mut admin, &id).await,
+        "the upstream connection is there"
+    );
+    c.send(&command(&["QUIT"])).await;
+    assert_eq!(c.read_to_close().await, b"+OK\r\n");
+    let deadline = Instant::now() + DEADLINE;
+    while listed(&mut admin, &id).await {
+        assert!(Instant::now() < deadline, "Redis still lists client {id}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // It was Redis that answered: the QUIT reached it.
+    let OwnedFrame::BlobString { data, .. } = admin.cmd(&["INFO", "commandstats"]).await else {
+        panic!("INFO answers a bulk string");
+    };
+    let stats = String::from_utf8(data).unwrap();
+    assert!(stats.contains("cmdstat_quit:calls=1,"), "{stats}");
+    // The client's side is closed, and the ambassador serves the next one.
+    let mut next = amb.connect().await;
+    assert_eq!(next.cmd(&["PING"]).await, simple("PONG"));
+}
+
+/// A credential file that cannot be read as text is logged (never its content) and the last
+/// good credentials stay; one that is not the TOML form is the password itself, and when
+/// the upstream refuses it, that is logged without the password too. RUST_LOG=trace.
+#[tokio::test]
+async fn unusable_credential_files_are_logged_without_their_content() {
+    let server = RedisServer::start(ServerAuth::app());
+    let dir = tempfile::tempdir().unwrap();
+    let mut bin = binary_for(&server, dir.path(), &[("RUST_LOG", "trace"), NO_PROBES_ENV]);
+    let secret = server.credential_file(dir.path());
+    let mut output = bin.startup_lines.join("\n") + "\n";
+    let wait_for = |what: &str, output: &mut String| {
+        let deadline = Instant::now() + DEADLINE;
+        while !output.contains(what) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = bin.stderr_lines.recv_timeout(left);
+            let line = line.unwrap_or_else(|_| panic!("no {what:?} in:\n{output}"));
+            output.push_str(&line);
+            output.push('\n');
+        }
+    };
+    let not_utf8 = b"username = \"app\"\npassword = \"UTF8-SECRET-6m\xff\"\n";
+    std::fs::write(&secret, not_utf8).unwrap();
+    wait_for("credential file unusable", &mut output);
+    std::fs::write(
+        &secret,
+        "username = \"app\"\npassword = \"MALFORMED-SECRET-5k\n",
+    )
+    .unwrap();
+    wait_for("new credentials refused", &mut output);
+    // The last good credentials are still the ones in use.
+    let mut c = Raw::connect(&bin.addr).await;
+    assert_eq!(c.cmd(&["ACL", "WHOAMI"]).await, bulk(USER.as_bytes()));
+    drop(c);
+    bin.signal("TERM");
+    bin.wait_exit();
+    output.push_str(&bin.stderr_to_end());
+    for leaked in ["UTF8-SECRET-6m", "MALFORMED-SECRET-5k", PASSWORD] {
+        assert!(!output.contains(leaked), "{leaked} in the log:\n{output}");
+    }
 }
