@@ -45,9 +45,9 @@ def unescape(text: str) -> bytes:
 # Wildcards in context, most specific first (see `grep '{\*}' resp-tests/cases/*.case`).
 WILDCARDS = [
     (rb"\$\{\*\}\r\n\{\*\}\r\n", b"$5\r\n7.2.4\r\n"),  # HELLO's version
-    (rb"\+FULLRESYNC \{\*\}", b"+FULLRESYNC 0123456789abcdef0123456789abcdef01234567 0"),
-    (rb"\$\{\*\}\r\nREDIS\{\*\}", b"$20\r\nREDIS0011\xfa\x09redis-ver"),  # an RDB's start
-    (rb":\{\*\}", b":42"),  # a client id
+    (rb"\+FULLRESYNC \{\*\} \{n\}", b"+FULLRESYNC 0123456789abcdef0123456789abcdef01234567 0"),
+    (rb"\{rdb\}", b"$20\r\nREDIS0011\xfa\x09redis-ver"),  # an RDB's start
+    (rb"\{n\}", b"42"),  # a client id, an offset
     (rb"\{\*\}", b"x"),
 ]
 

@@ -74,7 +74,7 @@ impl Reloader {
                     pending = self.read_changed();
                     retry = Duration::from_secs(1);
                 }
-                _ = retry_due => retry = (retry * 2).min(RETRY_MAX),
+                _ = retry_due => retry = next_retry(retry),
             }
             if let Some(candidate) = pending.take() {
                 pending = self.try_apply(candidate).await;
@@ -133,7 +133,11 @@ impl Changes {
         let (tx, events) = mpsc::unbounded_channel();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if event.is_ok() {
+                // Reading a file is an event in its folder too (open, close): counting it as
+                // a change made every read trigger the next, so a refused file was retried
+                // every SETTLE instead of with backoff.
+                let changed = event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_)));
+                if changed {
                     let _ = tx.send(());
                 }
             })?;
@@ -166,5 +170,25 @@ impl Changes {
     pub(crate) async fn settle(&mut self) {
         tokio::time::sleep(SETTLE).await;
         while self.events.try_recv().is_ok() {}
+    }
+}
+
+/// The wait before the next retry: twice the last, at most `RETRY_MAX`.
+fn next_retry(last: Duration) -> Duration {
+    (last * 2).min(RETRY_MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_double_from_one_second_up_to_thirty() {
+        let mut waits = vec![Duration::from_secs(1)];
+        for _ in 0..6 {
+            waits.push(next_retry(*waits.last().unwrap()));
+        }
+        let secs: Vec<u64> = waits.iter().map(Duration::as_secs).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 30, 30]);
     }
 }

@@ -336,3 +336,188 @@ async fn a_unix_socket_path_is_taken_over_only_from_a_stale_socket() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), USER);
 }
+
+/// `AMBASSADOR_CONFIG_DIR` picks the folder; its `default.toml` is layered under the profile:
+/// the upstream and the database come from `default.toml`, the profile's client name wins
+/// over the one there.
+#[tokio::test]
+async fn config_dir_from_the_environment_layers_default_toml_under_the_profile() {
+    let server = RedisServer::start(ServerAuth::app());
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("elsewhere");
+    std::fs::create_dir_all(&folder).unwrap();
+    let creds = server.credential_file(dir.path());
+    std::fs::write(
+        folder.join("default.toml"),
+        format!(
+            "[listen]\naddress = \"127.0.0.1:0\"\n[upstream]\naddress = \"{}\"\n\
+             [credentials]\nfile = \"{}\"\n[handshake]\nclient_name = \"from-default\"\ndatabase = 3\n",
+            server.addr(),
+            creds.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        folder.join("layered.toml"),
+        "[handshake]\nclient_name = \"from-profile\"\n",
+    )
+    .unwrap();
+    let env = [
+        ("AMBASSADOR_CONFIG_DIR", "elsewhere"),
+        ("AMBASSADOR_PROFILE", "layered"),
+    ];
+    let bin = Binary::start(dir.path(), &[], &env);
+    let mut c = Raw::connect(&bin.addr).await;
+    assert_eq!(
+        c.cmd(&["CLIENT", "GETNAME"]).await,
+        bulk(b"from-profile"),
+        "the profile wins over default.toml"
+    );
+    assert_eq!(c.cmd(&["SET", "layered", "yes"]).await, simple("OK"));
+    let mut direct = server.direct().await;
+    assert_eq!(direct.cmd(&["SELECT", "3"]).await, simple("OK"));
+    assert_eq!(
+        direct.cmd(&["GET", "layered"]).await,
+        bulk(b"yes"),
+        "default.toml's database and upstream are used"
+    );
+}
+
+/// `[upstream.expect] info`: a field of `INFO server` with another value fails `--check`
+/// (exit 1, naming the field), makes `/readyz` fail and refuses clients; the right value passes.
+#[tokio::test]
+async fn an_info_mismatch_fails_check_readiness_and_clients() {
+    let server = RedisServer::start(ServerAuth::app());
+    let dir = tempfile::tempdir().unwrap();
+    write_profile(
+        dir.path(),
+        "prod",
+        &server,
+        &ServerAuth::app().credential_file(),
+    );
+    let profile = dir.path().join("profiles/prod.toml");
+    let base = std::fs::read_to_string(&profile).unwrap();
+    let with_expect = |mode: &str| {
+        format!(
+            "{base}[upstream.expect]\ninfo = {{ redis_mode = \"{mode}\" }}\n\
+             [admin]\naddress = \"127.0.0.1:0\"\nprobe_interval = \"100ms\"\n"
+        )
+    };
+    std::fs::write(&profile, with_expect("standalone")).unwrap();
+    let out = ambassador(dir.path(), &["--profile", "prod", "--check"], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    std::fs::write(&profile, with_expect("cluster")).unwrap();
+    let out = ambassador(dir.path(), &["--profile", "prod", "--check"], &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let why = "INFO server redis_mode: expected \"cluster\", got \"standalone\"";
+    assert!(stdout.contains(why), "{stdout}");
+
+    let bin = Binary::start(dir.path(), &["--profile", "prod"], &[]);
+    wait_until("/readyz reports the mismatch", DEADLINE, || async {
+        let (status, body) = http_get(&bin.admin, "/readyz").await;
+        status == 503 && body.contains(why)
+    })
+    .await;
+    let mut c = Raw::connect(&bin.addr).await;
+    let got = String::from_utf8_lossy(&c.read_to_close().await).into_owned();
+    assert_eq!(
+        got,
+        format!("-ERR ambassador: upstream does not match the profile ({why})\r\n")
+    );
+}
+
+/// `--healthcheck` asks the running process's `/healthz`: 0 while it runs, 1 before and after.
+#[tokio::test]
+async fn healthcheck_exits_0_only_while_the_process_answers() {
+    let server = RedisServer::start(ServerAuth::app());
+    let dir = tempfile::tempdir().unwrap();
+    write_profile(
+        dir.path(),
+        "prod",
+        &server,
+        &ServerAuth::app().credential_file(),
+    );
+    let profile = dir.path().join("profiles/prod.toml");
+    let base = std::fs::read_to_string(&profile).unwrap();
+    let port = free_port();
+    std::fs::write(
+        &profile,
+        format!("{base}[admin]\naddress = \"127.0.0.1:{port}\"\n"),
+    )
+    .unwrap();
+    let healthcheck = || {
+        ambassador(dir.path(), &["--profile", "prod", "--healthcheck"], &[])
+            .status
+            .code()
+    };
+    assert_eq!(healthcheck(), Some(1), "nothing runs yet");
+    let mut bin = Binary::start(dir.path(), &["--profile", "prod"], &[]);
+    assert_eq!(bin.admin, format!("127.0.0.1:{port}"));
+    assert_eq!(healthcheck(), Some(0), "the process answers /healthz");
+    bin.signal("TERM");
+    assert!(bin.wait_exit().success());
+    assert_eq!(healthcheck(), Some(1), "the process is gone");
+}
+
+/// `redis-cli --replica` through the ambassador: REPLCONF, SYNC, the RDB, then the commands
+/// written on the primary arrive in the replication stream, as redis-cli prints them.
+#[tokio::test]
+async fn redis_cli_replica_follows_writes_through_the_ambassador() {
+    // redis-cli asks for a diskless transfer, which Redis delays 5 s by default.
+    let server = RedisServer::start_with(ServerAuth::app(), &["--repl-diskless-sync-delay", "0"]);
+    let dir = tempfile::tempdir().unwrap();
+    let bin = binary_for(&server, dir.path(), &[]);
+    let (host, port) = bin.addr.rsplit_once(':').unwrap();
+    let mut replica = Command::new(require("redis-cli"))
+        .args(["-h", host, "-p", port, "--replica"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Its progress goes to stderr, the replicated commands to stdout.
+    let (tx, lines) = std::sync::mpsc::channel();
+    let outputs: [Box<dyn std::io::Read + Send>; 2] = [
+        Box::new(replica.stdout.take().unwrap()),
+        Box::new(replica.stderr.take().unwrap()),
+    ];
+    for output in outputs {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(output)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let mut seen = Vec::new();
+    let mut wait_for = |what: &str| {
+        let deadline = std::time::Instant::now() + DEADLINE;
+        while !seen.iter().any(|l: &String| l.contains(what)) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) => seen.push(line),
+                Err(_) => panic!("no {what:?} from redis-cli --replica:\n{}", seen.join("\n")),
+            }
+        }
+    };
+    wait_for("Logging commands from master");
+    let mut direct = server.direct().await;
+    assert_eq!(
+        direct.cmd(&["SET", "from-primary", "yes"]).await,
+        simple("OK")
+    );
+    wait_for("\"SET\",\"from-primary\",\"yes\"");
+    replica.kill().unwrap();
+    replica.wait().unwrap();
+}

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use redis_ambassador::filter::needs_whole;
 use redis_ambassador::resp::{ProtocolError, Request, RequestFramer};
+use redis_protocol::resp3::types::OwnedFrame;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -32,13 +33,27 @@ const SPLIT_EVERY_BELOW: usize = 64;
 // The case files
 // ---------------------------------------------------------------------------------------
 
-/// A piece of an expected byte string: literal bytes, or `{*}` (the bytes of one line up to
-/// the next literal, or anything at all when it ends the pattern).
+/// A piece of an expected byte string: literal bytes, or a wildcard.
 #[derive(Debug, Clone, PartialEq)]
 enum Piece {
     Lit(Vec<u8>),
-    Any,
+    /// `{*}`: the bytes of one line up to the next literal, which differ between Redis
+    /// installations (the server's version) but not between two connections to one server:
+    /// the ambassador's must be the same bytes as Redis's.
+    Same,
+    /// `{n}`: one or more digits that differ between two connections (a client id, a count
+    /// of clients, a replication offset): not compared.
+    Number,
+    /// `{rdb}`: a `$<len>` line and `len` bytes of an RDB file (which holds its creation
+    /// time and the server's memory use): its length and `REDIS` magic are checked.
+    Rdb,
 }
+
+const WILDCARDS: [(&str, Piece); 3] = [
+    ("{*}", Piece::Same),
+    ("{n}", Piece::Number),
+    ("{rdb}", Piece::Rdb),
+];
 
 #[derive(Debug, Clone, Default)]
 struct Pattern(Vec<Piece>);
@@ -49,14 +64,41 @@ impl Pattern {
         for piece in pieces {
             match (self.0.last_mut(), piece) {
                 (Some(Piece::Lit(last)), Piece::Lit(more)) => last.extend(more),
-                (Some(Piece::Any), Piece::Any) => {}
                 (_, piece) => self.0.push(piece),
             }
         }
     }
 
     fn has_wildcard(&self) -> bool {
-        self.0.contains(&Piece::Any)
+        self.0.iter().any(|p| !matches!(p, Piece::Lit(_)))
+    }
+
+    /// Whether some of the bytes may differ from Redis's (`{n}`, `{rdb}`).
+    fn has_free_wildcard(&self) -> bool {
+        self.0
+            .iter()
+            .any(|p| matches!(p, Piece::Number | Piece::Rdb))
+    }
+
+    /// `{*}` and `{n}` stop at the literal after them, so one must follow; after `{n}` it
+    /// must not start with a digit.
+    fn check(&self) -> Result<(), String> {
+        for (i, piece) in self.0.iter().enumerate() {
+            let next = self.0.get(i + 1);
+            match (piece, next) {
+                (Piece::Same | Piece::Number, None) => {
+                    return Err("a pattern may not end in `{*}` or `{n}`: say what follows".into())
+                }
+                (Piece::Same | Piece::Number, Some(p)) if !matches!(p, Piece::Lit(_)) => {
+                    return Err("`{*}` and `{n}` must be followed by literal bytes".into())
+                }
+                (Piece::Number, Some(Piece::Lit(l))) if l[0].is_ascii_digit() => {
+                    return Err("`{n}` may not be followed by a digit".into())
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     fn show(&self) -> String {
@@ -65,27 +107,64 @@ impl Pattern {
             .iter()
             .map(|p| match p {
                 Piece::Lit(b) => escape(b),
-                Piece::Any => "{*}".into(),
+                Piece::Same => "{*}".into(),
+                Piece::Number => "{n}".into(),
+                Piece::Rdb => "{rdb}".into(),
             })
             .collect();
         format!("\"{}\"", parts.concat())
     }
 }
 
-struct Case {
-    name: String,
+/// One step of a case: optionally a command on another connection first, then writes on the
+/// case's connection, then the bytes that must arrive before the next step.
+#[derive(Default)]
+struct Phase {
+    /// Written on a separate, authenticated direct connection once everything the phase
+    /// before expected has arrived; its reply is awaited (and must not be an error).
+    other: Option<Vec<u8>>,
     /// One entry per write.
     sends: Vec<Vec<u8>>,
     expect: Pattern,
+}
+
+struct Case {
+    name: String,
+    /// At least one; more only with `other` lines.
+    phases: Vec<Phase>,
     /// What a direct connection gets instead, when the case declares a difference.
     direct: Option<Pattern>,
+    /// With `direct`: the writes that make Redis, on a direct connection, answer what the
+    /// ambassador answers to `send` (the profile's credentials where the client sent
+    /// made-up ones). One entry per write.
+    reference: Vec<Vec<u8>>,
     close: bool,
     split: bool,
 }
 
 impl Case {
     fn all_sent(&self) -> Vec<u8> {
-        self.sends.concat()
+        self.phases[0].sends.concat()
+    }
+
+    fn sends(&self) -> &[Vec<u8>] {
+        &self.phases[0].sends
+    }
+
+    fn expect(&self) -> &Pattern {
+        &self.phases[0].expect
+    }
+
+    /// The case's own steps, for the runs that send what the case sends.
+    fn steps(&self) -> Vec<Step<'_>> {
+        self.phases
+            .iter()
+            .map(|p| Step {
+                other: p.other.as_deref(),
+                sends: &p.sends,
+                expect: &p.expect,
+            })
+            .collect()
     }
 }
 
@@ -111,33 +190,52 @@ fn load_cases() -> Vec<Case> {
         .collect()
 }
 
+/// Which list a `more` line extends.
+enum LastWrite {
+    Send,
+    Reference,
+}
+
 fn parse_case(name: &str, text: &str) -> Result<Case, String> {
     let mut case = Case {
         name: name.to_owned(),
-        sends: Vec::new(),
-        expect: Pattern::default(),
+        phases: vec![Phase::default()],
         direct: None,
+        reference: Vec::new(),
         close: false,
         split: false,
     };
     let mut saw_expect = false;
+    let mut last_write = None;
     for (i, line) in text.lines().enumerate() {
         let at = |msg: String| format!("{name}:{}: {msg}", i + 1);
         if line.trim().is_empty() || line.starts_with('#') {
             continue;
         }
         let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
+        let phase = case.phases.last_mut().expect("at least one phase");
         match word {
-            "send" => case.sends.push(unescape(rest).map_err(at)?),
+            "send" => {
+                phase.sends.push(unescape(rest).map_err(at)?);
+                last_write = Some(LastWrite::Send);
+            }
+            "reference" => {
+                case.reference.push(unescape(rest).map_err(at)?);
+                last_write = Some(LastWrite::Reference);
+            }
             "more" => {
                 let bytes = unescape(rest).map_err(at)?;
-                let last = case.sends.last_mut();
-                last.ok_or_else(|| at("`more` before any `send`".into()))?
+                let last = match last_write {
+                    Some(LastWrite::Send) => phase.sends.last_mut(),
+                    Some(LastWrite::Reference) => case.reference.last_mut(),
+                    None => None,
+                };
+                last.ok_or_else(|| at("`more` before any `send` or `reference`".into()))?
                     .extend(bytes);
             }
             "expect" => {
                 saw_expect = true;
-                case.expect.extend(parse_pattern(rest).map_err(at)?);
+                phase.expect.extend(parse_pattern(rest).map_err(at)?);
             }
             "direct" => {
                 let pieces = parse_pattern(rest).map_err(at)?;
@@ -145,28 +243,75 @@ fn parse_case(name: &str, text: &str) -> Result<Case, String> {
                     .get_or_insert_with(Pattern::default)
                     .extend(pieces);
             }
+            "other" => {
+                case.phases.push(Phase {
+                    other: Some(unescape(rest).map_err(at)?),
+                    ..Phase::default()
+                });
+                last_write = None;
+            }
             "close" => case.close = true,
             "split" => case.split = true,
             other => return Err(at(format!("unknown keyword `{other}`"))),
         }
     }
-    if case.sends.is_empty() || !saw_expect {
-        return Err(format!("{name}: a case needs `send` and `expect` lines"));
-    }
+    check_case(&case, saw_expect).map_err(|e| format!("{name}: {e}"))?;
     Ok(case)
 }
 
-/// Splits on `{*}` first, so an escaped brace (`\x7b*}`) stays literal.
-fn parse_pattern(text: &str) -> Result<Vec<Piece>, String> {
-    let mut pieces = Vec::new();
-    for (i, part) in text.split("{*}").enumerate() {
-        if i > 0 {
-            pieces.push(Piece::Any);
+/// The rules a case must follow, so every case is compared with a run against Redis.
+fn check_case(case: &Case, saw_expect: bool) -> Result<(), String> {
+    if case.sends().is_empty() || !saw_expect {
+        return Err("a case needs `send` and `expect` lines".into());
+    }
+    for (i, phase) in case.phases.iter().enumerate() {
+        phase.expect.check().map_err(|e| format!("expect: {e}"))?;
+        if i > 0 && phase.expect.0.is_empty() {
+            return Err("an `other` line needs `expect` lines after it".into());
         }
-        let bytes = unescape(part)?;
+    }
+    if let Some(direct) = &case.direct {
+        direct.check().map_err(|e| format!("direct: {e}"))?;
+    }
+    if case.phases.len() > 1 && (case.split || case.direct.is_some()) {
+        return Err("`other` cannot be combined with `split` or `direct`".into());
+    }
+    if !case.reference.is_empty() && case.direct.is_none() {
+        return Err(
+            "`reference` belongs to a case with `direct` (without it, the direct \
+                    run is the reference)"
+                .into(),
+        );
+    }
+    // A declared difference leaves no Redis run to compare the ambassador's bytes with,
+    // unless a `reference` gives one: the expected bytes must then be wholly literal.
+    if case.direct.is_some() && case.reference.is_empty() && case.expect().has_wildcard() {
+        return Err("with `direct` and no `reference`, `expect` must be literal".into());
+    }
+    Ok(())
+}
+
+/// Splits on the wildcards first, so an escaped brace (`\x7b*}`) stays literal.
+fn parse_pattern(mut text: &str) -> Result<Vec<Piece>, String> {
+    let mut pieces = Vec::new();
+    loop {
+        let next = WILDCARDS
+            .iter()
+            .filter_map(|(token, piece)| text.find(token).map(|at| (at, *token, piece)))
+            .min_by_key(|(at, _, _)| *at);
+        let Some((at, token, piece)) = next else {
+            break;
+        };
+        let bytes = unescape(&text[..at])?;
         if !bytes.is_empty() {
             pieces.push(Piece::Lit(bytes));
         }
+        pieces.push(piece.clone());
+        text = &text[at + token.len()..];
+    }
+    let bytes = unescape(text)?;
+    if !bytes.is_empty() {
+        pieces.push(Piece::Lit(bytes));
     }
     Ok(pieces)
 }
@@ -230,9 +375,8 @@ fn show_sends(sends: &[Vec<u8>]) -> String {
 
 #[derive(Debug, PartialEq)]
 enum Match {
-    /// The pattern matched the first `len` bytes; `open_end` when it ends with `{*}`, so
-    /// whatever follows is part of the match.
-    Done { len: usize, open_end: bool },
+    /// The pattern matched the first `len` bytes; `same` are the ranges the `{*}` took.
+    Done { len: usize, same: Vec<Range<usize>> },
     /// What arrived so far can still become a match.
     More,
     /// What arrived so far can never match.
@@ -240,46 +384,52 @@ enum Match {
 }
 
 /// Matches lazily: a `{*}` stops at the first place the literal after it matches, and never
-/// crosses a CR or LF (it stands for ids, versions, lengths: never a whole reply), so a wrong
+/// crosses a CR or LF (it stands for versions and ids: never a whole reply), so a wrong
 /// reply after a wildcard is reported at once instead of waiting for the deadline.
 fn match_pattern(pattern: &Pattern, got: &[u8]) -> Match {
     let mut pos = 0;
+    let mut same = Vec::new();
     let mut pieces = pattern.0.iter().peekable();
     while let Some(piece) = pieces.next() {
-        match piece {
+        let rest = &got[pos..];
+        let took = match piece {
             Piece::Lit(lit) => {
-                let have = &got[pos..];
-                if have.len() < lit.len() {
-                    return if lit.starts_with(have) {
+                if rest.len() < lit.len() {
+                    return if lit.starts_with(rest) {
                         Match::More
                     } else {
                         Match::Mismatch
                     };
                 }
-                if !have.starts_with(lit) {
+                if !rest.starts_with(lit) {
                     return Match::Mismatch;
                 }
-                pos += lit.len();
+                Ok(lit.len())
             }
-            Piece::Any => match pieces.peek() {
-                Some(Piece::Lit(next)) => match skip_wildcard(&got[pos..], next) {
-                    Ok(skip) => pos += skip,
-                    Err(m) => return m,
-                },
-                // `extend` never leaves two wildcards in a row: this one ends the pattern.
-                _ => {
-                    return Match::Done {
-                        len: got.len(),
-                        open_end: true,
-                    }
-                }
+            Piece::Same => match pieces.peek() {
+                Some(Piece::Lit(next)) => skip_wildcard(rest, next).inspect(|&skip| {
+                    same.push(pos..pos + skip);
+                }),
+                _ => unreachable!("Pattern::check: a literal follows `{{*}}`"),
             },
+            Piece::Number => {
+                let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+                if digits == rest.len() {
+                    Err(Match::More)
+                } else if digits == 0 {
+                    Err(Match::Mismatch)
+                } else {
+                    Ok(digits)
+                }
+            }
+            Piece::Rdb => rdb_len(rest),
+        };
+        match took {
+            Ok(n) => pos += n,
+            Err(m) => return m,
         }
     }
-    Match::Done {
-        len: pos,
-        open_end: false,
-    }
+    Match::Done { len: pos, same }
 }
 
 /// How many bytes of `rest` a wildcard followed by `next` takes.
@@ -301,6 +451,39 @@ fn skip_wildcard(rest: &[u8], next: &[u8]) -> Result<usize, Match> {
     Err(Match::Mismatch)
 }
 
+/// The length of a `$<len>\r\n` line and the RDB payload after it (no CRLF follows it).
+fn rdb_len(rest: &[u8]) -> Result<usize, Match> {
+    const MAGIC: &[u8] = b"REDIS";
+    let Some(line_end) = rest.windows(2).position(|w| w == b"\r\n") else {
+        let plausible = rest.first().is_none_or(|&b| b == b'$')
+            && rest.len() < 24
+            && rest
+                .iter()
+                .skip(1)
+                .all(|b| b.is_ascii_digit() || *b == b'\r');
+        return Err(if plausible {
+            Match::More
+        } else {
+            Match::Mismatch
+        });
+    };
+    let len: usize = std::str::from_utf8(&rest[..line_end])
+        .ok()
+        .and_then(|l| l.strip_prefix('$'))
+        .and_then(|n| n.parse().ok())
+        .filter(|&n| n >= MAGIC.len())
+        .ok_or(Match::Mismatch)?;
+    let body = &rest[line_end + 2..];
+    let head = &body[..body.len().min(MAGIC.len())];
+    if !MAGIC.starts_with(head) {
+        return Err(Match::Mismatch);
+    }
+    if body.len() < len {
+        return Err(Match::More);
+    }
+    Ok(line_end + 2 + len)
+}
+
 // ---------------------------------------------------------------------------------------
 // One run: a fresh connection, the writes, the replies
 // ---------------------------------------------------------------------------------------
@@ -319,9 +502,18 @@ enum Mode {
     Split,
 }
 
+/// What one run does: steps, each sending and expecting.
+struct Step<'a> {
+    other: Option<&'a [u8]>,
+    sends: &'a [Vec<u8>],
+    expect: &'a Pattern,
+}
+
 /// What one run received, and what was wrong with it, if anything.
 struct Received {
     bytes: Vec<u8>,
+    /// The bytes each `{*}` took, in order: they must be the same in the run compared.
+    same: Vec<Vec<u8>>,
     problem: Option<String>,
 }
 
@@ -359,13 +551,25 @@ async fn connect(server: &RedisServer, target: Target<'_>) -> TcpStream {
     raw.stream
 }
 
-/// Sends `sends` as separate writes and reads until `pattern` is matched, then checks what
-/// follows: the close for `close` cases, else (in `Mode::Full`) that nothing more arrives.
+/// An `other` line: the bytes on a separate direct connection, and its reply.
+async fn run_other(server: &RedisServer, bytes: &[u8]) -> Option<String> {
+    let mut other = server.direct().await;
+    other.send(bytes).await;
+    match other.reply().await {
+        OwnedFrame::SimpleError { data, .. } => {
+            Some(format!("`other` \"{}\" got -{data}", escape(bytes)))
+        }
+        _ => None,
+    }
+}
+
+/// Runs the steps on a fresh connection: for each, the `other` command, the writes, then
+/// reads until the step's pattern matches. Then checks what follows: the close for `close`
+/// cases, else (in `Mode::Full`) that nothing more arrives.
 async fn run_once(
     server: &RedisServer,
     target: Target<'_>,
-    sends: &[Vec<u8>],
-    pattern: &Pattern,
+    steps: &[Step<'_>],
     close: bool,
     mode: Mode,
 ) -> Received {
@@ -375,40 +579,59 @@ async fn run_once(
     } else {
         SPLIT_PAUSE
     };
-    for (i, bytes) in sends.iter().enumerate() {
-        if i > 0 {
-            tokio::time::sleep(pause).await;
+    let mut got = Vec::new();
+    let mut same = Vec::new();
+    let mut matched = 0;
+    let fail = |got: Vec<u8>, same: Vec<Vec<u8>>, why: String| Received {
+        bytes: got,
+        same,
+        problem: Some(why),
+    };
+    for step in steps {
+        if let Some(bytes) = step.other {
+            if let Some(why) = run_other(server, bytes).await {
+                return fail(got, same, why);
+            }
         }
-        // A write after the peer closed fails; the replies to what went before still count.
-        if stream.write_all(bytes).await.is_err() {
-            break;
+        for (i, bytes) in step.sends.iter().enumerate() {
+            if i > 0 {
+                tokio::time::sleep(pause).await;
+            }
+            // A write after the peer closed fails; the replies to what went before count.
+            if stream.write_all(bytes).await.is_err() {
+                break;
+            }
+        }
+        let deadline = Instant::now() + MATCH_DEADLINE;
+        loop {
+            match match_pattern(step.expect, &got[matched..]) {
+                Match::Done { len, same: ranges } => {
+                    same.extend(ranges.into_iter().map(|r| got[matched..][r].to_vec()));
+                    matched += len;
+                    break;
+                }
+                Match::Mismatch => {
+                    // Collect what else arrives so the report shows the whole difference.
+                    watch(&mut stream, &mut got, QUIET).await;
+                    return fail(got, same, "received bytes do not match".into());
+                }
+                Match::More => match read_some(&mut stream, &mut got, deadline).await {
+                    Read::Data => {}
+                    Read::Closed => {
+                        return fail(got, same, "closed before the expected bytes".into())
+                    }
+                    Read::Timeout => {
+                        return fail(got, same, "timed out before the expected bytes".into())
+                    }
+                },
+            }
         }
     }
-    let mut got = Vec::new();
-    let deadline = Instant::now() + MATCH_DEADLINE;
-    let fail = |got: Vec<u8>, why: &str| Received {
-        bytes: got,
-        problem: Some(why.to_owned()),
-    };
-    let (len, open_end) = loop {
-        match match_pattern(pattern, &got) {
-            Match::Done { len, open_end } => break (len, open_end),
-            Match::Mismatch => {
-                // Collect what else arrives so the report shows the whole difference.
-                watch(&mut stream, &mut got, QUIET).await;
-                return fail(got, "received bytes do not match");
-            }
-            Match::More => match read_some(&mut stream, &mut got, deadline).await {
-                Read::Data => {}
-                Read::Closed => return fail(got, "closed before the expected bytes"),
-                Read::Timeout => return fail(got, "timed out before the expected bytes"),
-            },
-        }
-    };
     let quiet = mode == Mode::Full;
-    let problem = after_match(&mut stream, &mut got, len, open_end, close, quiet).await;
+    let problem = after_match(&mut stream, &mut got, matched, close, quiet).await;
     Received {
         bytes: got,
+        same,
         problem,
     }
 }
@@ -429,7 +652,6 @@ async fn after_match(
     stream: &mut TcpStream,
     got: &mut Vec<u8>,
     len: usize,
-    open_end: bool,
     close: bool,
     quiet: bool,
 ) -> Option<String> {
@@ -440,7 +662,7 @@ async fn after_match(
     } else {
         false
     };
-    if got.len() > len && !open_end {
+    if got.len() > len {
         return Some(format!(
             "{} unexpected bytes after the match",
             got.len() - len
@@ -538,7 +760,7 @@ async fn network_split_problems(
     case: &Case,
 ) -> Vec<String> {
     let all = case.all_sent();
-    let direct_pattern = case.direct.as_ref().unwrap_or(&case.expect);
+    let direct_pattern = case.direct.as_ref().unwrap_or(case.expect());
     let mut problems = Vec::new();
     for k in network_offsets(all.len()) {
         let halves = [all[..k].to_vec(), all[k..].to_vec()];
@@ -546,12 +768,17 @@ async fn network_split_problems(
             (
                 "through the ambassador",
                 Target::Ambassador(amb),
-                &case.expect,
+                case.expect(),
             ),
             ("direct", Target::Direct, direct_pattern),
         ];
-        for (side, target, pattern) in runs {
-            let got = run_once(server, target, &halves, pattern, case.close, Mode::Split).await;
+        for (side, target, expect) in runs {
+            let step = Step {
+                other: None,
+                sends: &halves,
+                expect,
+            };
+            let got = run_once(server, target, &[step], case.close, Mode::Split).await;
             if let Some(p) = got.problem {
                 let shown = escape(&got.bytes);
                 problems.push(format!("split at {k}, {side}: {p}; got \"{shown}\""));
@@ -576,13 +803,47 @@ fn first_few(mut problems: Vec<String>) -> Vec<String> {
     problems
 }
 
-/// Runs one case both ways; returns a report of everything wrong with it, if anything.
+/// Runs one case through the ambassador and directly (and, with `reference`, directly
+/// with the reference input); returns a report of everything wrong with it, if anything.
 async fn run_case(server: &RedisServer, amb: &Ambassador, case: &Case) -> Option<String> {
-    let sends = &case.sends;
-    let direct_pattern = case.direct.as_ref().unwrap_or(&case.expect);
-    let full = |target, pattern| run_once(server, target, sends, pattern, case.close, Mode::Full);
-    let via = full(Target::Ambassador(amb), &case.expect).await;
-    let direct = full(Target::Direct, direct_pattern).await;
+    let steps = case.steps();
+    let via = run_once(
+        server,
+        Target::Ambassador(amb),
+        &steps,
+        case.close,
+        Mode::Full,
+    )
+    .await;
+    let direct = match &case.direct {
+        None => run_once(server, Target::Direct, &steps, case.close, Mode::Full).await,
+        Some(pattern) => {
+            let step = Step {
+                other: None,
+                sends: case.sends(),
+                expect: pattern,
+            };
+            run_once(server, Target::Direct, &[step], case.close, Mode::Full).await
+        }
+    };
+    // With a declared difference, the reference input's run (if the case has one).
+    let reference_run = match (&case.direct, case.reference.is_empty()) {
+        (Some(_), false) => {
+            let step = Step {
+                other: None,
+                sends: &case.reference,
+                expect: case.expect(),
+            };
+            Some(run_once(server, Target::Direct, &[step], case.close, Mode::Full).await)
+        }
+        _ => None,
+    };
+    // The Redis run whose bytes the ambassador's must equal: the direct one, or the
+    // reference's (none: `expect` is literal, see check_case).
+    let reference = match &case.direct {
+        None => Some(&direct),
+        Some(_) => reference_run.as_ref(),
+    };
     let mut problems = Vec::new();
     if let Some(p) = &via.problem {
         problems.push(format!("through the ambassador: {p}"));
@@ -590,10 +851,13 @@ async fn run_case(server: &RedisServer, amb: &Ambassador, case: &Case) -> Option
     if let Some(p) = &direct.problem {
         problems.push(format!("direct: {p}"));
     }
-    // Without wildcards or a declared difference, "both match" must mean "both equal".
-    let exact = case.direct.is_none() && !case.expect.has_wildcard();
-    if exact && via.bytes != direct.bytes {
-        problems.push("the ambassador's bytes differ from Redis's".into());
+    if let Some(reference) = &reference_run {
+        if let Some(p) = &reference.problem {
+            problems.push(format!("direct, reference input: {p}"));
+        }
+    }
+    if let Some(reference) = reference {
+        problems.extend(compare(case, &via, reference));
     }
     if case.split {
         problems.extend(first_few(framer_split_problems(case)));
@@ -606,25 +870,81 @@ async fn run_case(server: &RedisServer, amb: &Ambassador, case: &Case) -> Option
     for p in &problems {
         report.push_str(&format!("  - {p}\n"));
     }
-    report.push_str(&format!("  sent:            {}\n", show_sends(sends)));
-    report.push_str(&format!("  expected:        {}\n", case.expect.show()));
+    for (i, phase) in case.phases.iter().enumerate() {
+        if let Some(other) = &phase.other {
+            report.push_str(&format!("  other:           \"{}\"\n", escape(other)));
+        }
+        report.push_str(&format!(
+            "  sent:            {}\n",
+            show_sends(&phase.sends)
+        ));
+        let label = if i == 0 {
+            "expected:"
+        } else {
+            "then expected:"
+        };
+        report.push_str(&format!("  {label:<16} {}\n", phase.expect.show()));
+    }
     if let Some(d) = &case.direct {
         report.push_str(&format!("  expected direct: {}\n", d.show()));
+    }
+    if !case.reference.is_empty() {
+        report.push_str(&format!(
+            "  reference sent:  {}\n",
+            show_sends(&case.reference)
+        ));
     }
     report.push_str(&format!("  ambassador gave: \"{}\"\n", escape(&via.bytes)));
     report.push_str(&format!(
         "  redis gave:      \"{}\"\n",
         escape(&direct.bytes)
     ));
+    if let Some(reference) = &reference_run {
+        report.push_str(&format!(
+            "  reference gave:  \"{}\"\n",
+            escape(&reference.bytes)
+        ));
+    }
     Some(report)
 }
 
-/// DEBUG PROTOCOL produces every RESP3 type; Redis 7 disables DEBUG by default.
-const DEBUG_ON: &[&str] = &["--enable-debug-command", "yes"];
+/// The ambassador's bytes against Redis's: every `{*}` took the same bytes and, when no
+/// `{n}` or `{rdb}` is involved, the byte strings are identical.
+fn compare(case: &Case, via: &Received, redis: &Received) -> Vec<String> {
+    if via.problem.is_some() || redis.problem.is_some() {
+        return Vec::new(); // already reported; the bytes are incomplete
+    }
+    let mut problems = Vec::new();
+    for (i, (a, r)) in via.same.iter().zip(&redis.same).enumerate() {
+        if a != r {
+            problems.push(format!(
+                "`{{*}}` number {} differs: the ambassador gave \"{}\", Redis \"{}\"",
+                i + 1,
+                escape(a),
+                escape(r)
+            ));
+        }
+    }
+    let free = case.phases.iter().any(|p| p.expect.has_free_wildcard());
+    if !free && via.bytes != redis.bytes {
+        problems.push("the ambassador's bytes differ from Redis's".into());
+    }
+    problems
+}
+
+/// DEBUG PROTOCOL produces every RESP3 type; Redis 7 disables DEBUG by default. A master
+/// PINGs its replicas every 10 s by default, which would land at a random place in the
+/// replication cases' streams (804, 806).
+const SERVER_ARGS: &[&str] = &[
+    "--enable-debug-command",
+    "yes",
+    "--repl-ping-replica-period",
+    "3600",
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resp_cases_match_redis() {
-    let server = RedisServer::start_with(ServerAuth::app(), DEBUG_ON);
+    let server = RedisServer::start_with(ServerAuth::app(), SERVER_ARGS);
     let amb = Ambassador::start(&server, "").await;
     run_corpus(&server, &amb).await;
 }
@@ -635,7 +955,7 @@ async fn resp_cases_match_redis() {
 async fn resp_cases_match_redis_over_tls() {
     let pki = common::pki::Pki::new();
     let tls = common::pki::ServerTls::new(&pki);
-    let server = RedisServer::start_tls_with(ServerAuth::app(), &tls, DEBUG_ON);
+    let server = RedisServer::start_tls_with(ServerAuth::app(), &tls, SERVER_ARGS);
     let dir = tempfile::tempdir().unwrap();
     let profile = format!(
         "[listen]\naddress = \"127.0.0.1:0\"\n[upstream]\naddress = \"{}\"\n\
@@ -673,16 +993,16 @@ fn patterns_match_lazily_and_report_mismatch_early() {
         pat.extend(parse_pattern(s).unwrap());
         pat
     };
-    let done = |len| Match::Done {
-        len,
-        open_end: false,
-    };
+    let done = |len| Match::Done { len, same: vec![] };
     assert_eq!(match_pattern(&p("+OK\\r\\n"), b"+OK\r\n+X"), done(5));
     assert_eq!(match_pattern(&p("+OK\\r\\n"), b"+O"), Match::More);
     assert_eq!(match_pattern(&p("+OK\\r\\n"), b"-E"), Match::Mismatch);
     assert_eq!(
         match_pattern(&p(":{*}\\r\\n:1\\r\\n"), b":42\r\n:1\r\n"),
-        done(9)
+        Match::Done {
+            len: 9,
+            same: std::iter::once(1..3).collect()
+        }
     );
     assert_eq!(match_pattern(&p(":{*}\\r\\n"), b":42"), Match::More);
     assert_eq!(
@@ -693,13 +1013,61 @@ fn patterns_match_lazily_and_report_mismatch_early() {
         match_pattern(&p(":{*}\\r\\n"), b":4\n2\r\n"),
         Match::Mismatch
     );
-    let open = match_pattern(&p("+A{*}"), b"+Abc");
+    // `{n}`: digits only, not recorded for comparison.
+    assert_eq!(match_pattern(&p(":{n}\\r\\n"), b":42\r\n"), done(5));
+    assert_eq!(match_pattern(&p(":{n}\\r\\n"), b":42"), Match::More);
+    assert_eq!(match_pattern(&p(":{n}\\r\\n"), b":4x\r\n"), Match::Mismatch);
+    assert_eq!(match_pattern(&p(":{n}\\r\\n"), b":\r\n"), Match::Mismatch);
+    // `{rdb}`: a length line, then exactly that many bytes starting with the magic.
+    let rdb = p("{rdb}+OK\\r\\n");
+    assert_eq!(match_pattern(&rdb, b"$6\r\nREDIS!+OK\r\n"), done(15));
+    assert_eq!(match_pattern(&rdb, b"$6\r\nREDI"), Match::More);
+    assert_eq!(match_pattern(&rdb, b"$6\r\nREDIX!"), Match::Mismatch);
+    assert_eq!(match_pattern(&rdb, b"$6\r\nREDIS!+NO"), Match::Mismatch);
+    assert_eq!(match_pattern(&rdb, b"+FULL"), Match::Mismatch);
+    // Wildcards must be followed by what ends them.
+    assert!(p("+A{*}").check().is_err());
+    assert!(p(":{n}1").check().is_err());
+    assert!(p("{*}{n}\\r\\n").check().is_err());
+    assert!(p("{rdb}").check().is_ok());
+    let ok = |text: &str| {
+        parse_case("x", text)
+            .map(|_| ())
+            .map_err(|e| e.split(": ").nth(1).unwrap_or("").to_owned())
+    };
     assert_eq!(
-        open,
-        Match::Done {
-            len: 4,
-            open_end: true
+        ok("send A\\r\\n\nexpect +{*}\\r\\n\ndirect -E\\r\\n\n"),
+        Err("with `direct` and no `reference`, `expect` must be literal".into())
+    );
+    assert_eq!(
+        ok("send A\\r\\n\nexpect +{*}\\r\\n\ndirect -E\\r\\n\nreference B\\r\\n\n"),
+        Ok(())
+    );
+    assert_eq!(ok("send A\\r\\n\nexpect :{n}\\r\\n\nreference B\\r\\n\n"), Err("`reference` belongs to a case with `direct` (without it, the direct run is the reference)".into()));
+    let phased = "send A\\r\\n\nexpect +OK\\r\\n\nother B\\r\\n\nexpect :1\\r\\n\n";
+    assert_eq!(parse_case("x", phased).unwrap().phases.len(), 2);
+    assert!(parse_case("x", &format!("{phased}split\n")).is_err());
+    // The comparison with Redis's run: `{*}` must take the same bytes, `{n}` may differ.
+    let case = parse_case(
+        "x",
+        "send HELLO\\r\\n\nexpect $5\\r\\n{*}\\r\\n:{n}\\r\\n\n",
+    )
+    .unwrap();
+    let run = |bytes: &[u8]| {
+        let Match::Done { same, .. } = match_pattern(case.expect(), bytes) else {
+            panic!("no match");
+        };
+        Received {
+            bytes: bytes.to_vec(),
+            same: same.into_iter().map(|r| bytes[r].to_vec()).collect(),
+            problem: None,
         }
+    };
+    let redis = run(b"$5\r\n7.0.1\r\n:7\r\n");
+    assert!(compare(&case, &run(b"$5\r\n7.0.1\r\n:9\r\n"), &redis).is_empty());
+    assert_eq!(
+        compare(&case, &run(b"$5\r\n7.0.2\r\n:7\r\n"), &redis).len(),
+        1
     );
     assert_eq!(unescape("\\x41\\r\\n\\\\").unwrap(), b"A\r\n\\");
     // The framer summary the split check compares: ranges, ignored bytes, the unfinished rest.
