@@ -451,8 +451,15 @@ fn skip_wildcard(rest: &[u8], next: &[u8]) -> Result<usize, Match> {
     Err(Match::Mismatch)
 }
 
-/// The length of a `$<len>\r\n` line and the RDB payload after it (no CRLF follows it).
+/// The length of a `$<len>\r\n` line and the RDB payload after it (no CRLF follows it),
+/// with the newlines before it: while the RDB is being made, Redis sends the replica a `\n`
+/// every second to keep the link alive (on a loaded machine the fork takes that long).
 fn rdb_len(rest: &[u8]) -> Result<usize, Match> {
+    let keepalives = rest.iter().take_while(|&&b| b == b'\n').count();
+    rdb_payload_len(&rest[keepalives..]).map(|n| keepalives + n)
+}
+
+fn rdb_payload_len(rest: &[u8]) -> Result<usize, Match> {
     const MAGIC: &[u8] = b"REDIS";
     let Some(line_end) = rest.windows(2).position(|w| w == b"\r\n") else {
         let plausible = rest.first().is_none_or(|&b| b == b'$')
@@ -1025,6 +1032,8 @@ fn patterns_match_lazily_and_report_mismatch_early() {
     assert_eq!(match_pattern(&rdb, b"$6\r\nREDIX!"), Match::Mismatch);
     assert_eq!(match_pattern(&rdb, b"$6\r\nREDIS!+NO"), Match::Mismatch);
     assert_eq!(match_pattern(&rdb, b"+FULL"), Match::Mismatch);
+    assert_eq!(match_pattern(&rdb, b"\n\n$6\r\nREDIS!+OK\r\n"), done(17));
+    assert_eq!(match_pattern(&rdb, b"\n"), Match::More);
     // Wildcards must be followed by what ends them.
     assert!(p("+A{*}").check().is_err());
     assert!(p(":{n}1").check().is_err());
