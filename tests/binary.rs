@@ -209,11 +209,16 @@ async fn one_shot_mode_needs_no_profile_and_serves_a_unix_socket() {
         &[],
     );
     assert_eq!(bin.addr, listen);
+    assert_eq!(whoami_over_unix(&socket), USER);
+}
+
+/// `ACL WHOAMI` asked by redis-cli over the unix socket at `path`.
+fn whoami_over_unix(path: &Path) -> String {
     let out = Command::new(require("redis-cli"))
-        .args(["-s", socket.to_str().unwrap(), "ACL", "WHOAMI"])
+        .args(["-s", path.to_str().unwrap(), "ACL", "WHOAMI"])
         .output()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), USER);
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 #[tokio::test]
@@ -248,12 +253,7 @@ async fn redis_cli_rdb_works_through_the_replication_stream() {
 /// Runs the binary with `args`, expecting it to exit by itself within the deadline (killed
 /// and failed otherwise, so a start that should have been refused cannot hang the test).
 fn run_expecting_exit(cwd: &Path, args: &[&str]) -> std::process::Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_redis-ambassador"))
-        .current_dir(cwd)
-        .args(args)
-        .env_remove("AMBASSADOR_PROFILE")
-        .env_remove("AMBASSADOR_CONFIG_DIR")
-        .env("RUST_LOG", "info")
+    let mut child = ambassador_command(cwd, args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -330,11 +330,7 @@ async fn a_unix_socket_path_is_taken_over_only_from_a_stale_socket() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let bin = Binary::start(dir.path(), &args, &[]);
     assert_eq!(bin.addr, format!("unix:{}", stale.display()));
-    let out = Command::new(require("redis-cli"))
-        .args(["-s", stale.to_str().unwrap(), "ACL", "WHOAMI"])
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), USER);
+    assert_eq!(whoami_over_unix(&stale), USER);
 }
 
 /// `AMBASSADOR_CONFIG_DIR` picks the folder; its `default.toml` is layered under the profile:

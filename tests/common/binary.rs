@@ -21,14 +21,22 @@ pub struct Binary {
     stdout: Option<std::thread::JoinHandle<String>>,
 }
 
+/// The binary with `args`, run in `cwd`, with no profile chosen from the test's own
+/// environment and `RUST_LOG=info`.
+pub fn ambassador_command(cwd: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_redis-ambassador"));
+    command
+        .current_dir(cwd)
+        .args(args)
+        .env_remove("AMBASSADOR_PROFILE")
+        .env_remove("AMBASSADOR_CONFIG_DIR")
+        .env("RUST_LOG", "info");
+    command
+}
+
 impl Binary {
     pub fn start(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Binary {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_redis-ambassador"))
-            .current_dir(cwd)
-            .args(args)
-            .env_remove("AMBASSADOR_PROFILE")
-            .env_remove("AMBASSADOR_CONFIG_DIR")
-            .env("RUST_LOG", "info")
+        let mut child = ambassador_command(cwd, args)
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
