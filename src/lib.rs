@@ -13,7 +13,8 @@
 //! Around them: [`config`] (layers -> validated `Config`), [`credentials`] (the credential
 //! file, and the only place a secret is looked at), [`rotation`] (reloading it), [`probe`]
 //! (the ambassador's own upstream connections: readiness, `--check`, testing new
-//! credentials), [`metrics`] and [`admin`] (`/healthz`, `/readyz`, `/metrics`); every
+//! credentials), [`metrics`] and [`admin`] (`/healthz`, `/readyz`, `/metrics`,
+//! `/quitquitquit`); every
 //! long-lived task runs through [`task::catching`], so a panic is counted, not lost.
 
 pub mod admin;
@@ -48,8 +49,10 @@ use metrics::Metrics;
 use session::Shared;
 
 /// Serves clients from `listener` (and the admin endpoints from `admin`, when given) until
-/// `shutdown` completes; then `/readyz` turns false, the listener stops accepting, open
-/// sessions get `drain_timeout` to finish, and the rest are closed.
+/// `shutdown` completes; then `/readyz` turns false, the listener keeps accepting for
+/// `shutdown.min_delay`, then stops; open sessions get `shutdown.drain_timeout` to finish,
+/// and the rest are closed. `POST /quitquitquit` (with `admin.allow_quit`) does the same
+/// without the delay: whoever asks is done with Redis.
 pub async fn run(
     config: Config,
     listener: Listener,
@@ -107,6 +110,8 @@ pub async fn run_with(
     );
     // Background work ends when `background` is cancelled, after the drain.
     let background = CancellationToken::new();
+    // Cancelled by the admin endpoint's `POST /quitquitquit`, only when the profile allows it.
+    let quit = CancellationToken::new();
     let helpers = TaskTracker::new();
     if let Some(admin) = admin {
         let stop = background.clone();
@@ -114,6 +119,7 @@ pub async fn run_with(
             admin,
             Arc::clone(&metrics),
             config.admin.ready_within,
+            config.admin.allow_quit.then(|| quit.clone()),
             async move { stop.cancelled().await },
         );
         let m = Arc::clone(&metrics);
@@ -168,13 +174,28 @@ pub async fn run_with(
         _ = &mut accepting => {}
         _ = shutdown => {
             metrics.set_draining();
+            let min_delay = config.shutdown.min_delay;
+            if !min_delay.is_zero() {
+                tracing::info!(?min_delay, "not ready; still accepting for shutdown.min_delay");
+                tokio::select! {
+                    _ = &mut accepting => {}
+                    _ = tokio::time::sleep(min_delay) => {}
+                    _ = quit.cancelled() => {}
+                }
+            }
+            stop.cancel();
+            accepting.await;
+        }
+        _ = quit.cancelled() => {
+            metrics.set_draining();
             stop.cancel();
             accepting.await;
         }
     }
     tracker.close();
-    tracing::info!(sessions = tracker.len(), drain_timeout = ?config.drain_timeout, "draining");
-    if tokio::time::timeout(config.drain_timeout, tracker.wait())
+    let drain_timeout = config.shutdown.drain_timeout;
+    tracing::info!(sessions = tracker.len(), ?drain_timeout, "draining");
+    if tokio::time::timeout(drain_timeout, tracker.wait())
         .await
         .is_err()
     {

@@ -167,7 +167,10 @@ async fn check(config: &Config) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            println!("check: FAILED: {e}");
+            // One line, and the last: an init container's termination message
+            // (FallbackToLogsOnError) is its log's tail, shown by `kubectl describe pod`.
+            let reason = e.to_string().replace(['\r', '\n'], " ");
+            println!("check: FAILED: {reason}");
             ExitCode::FAILURE
         }
     }
