@@ -14,8 +14,8 @@
 //! file, and the only place a secret is looked at), [`rotation`] (reloading it), [`probe`]
 //! (the ambassador's own upstream connections: readiness, `--check`, testing new
 //! credentials), [`metrics`] and [`admin`] (`/healthz`, `/readyz`, `/metrics`,
-//! `/quitquitquit`); every
-//! long-lived task runs through [`task::catching`], so a panic is counted, not lost.
+//! `/quitquitquit`); every long-lived task runs through [`task::catching`], so a panic is
+//! counted, not lost.
 
 pub mod admin;
 pub mod config;
@@ -36,6 +36,7 @@ pub mod upstream;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -169,29 +170,15 @@ pub async fn run_with(
         &tracker,
         kill.clone(),
     );
-    tokio::pin!(accepting);
-    tokio::select! {
-        _ = &mut accepting => {}
-        _ = shutdown => {
-            metrics.set_draining();
-            let min_delay = config.shutdown.min_delay;
-            if !min_delay.is_zero() {
-                tracing::info!(?min_delay, "not ready; still accepting for shutdown.min_delay");
-                tokio::select! {
-                    _ = &mut accepting => {}
-                    _ = tokio::time::sleep(min_delay) => {}
-                    _ = quit.cancelled() => {}
-                }
-            }
-            stop.cancel();
-            accepting.await;
-        }
-        _ = quit.cancelled() => {
-            metrics.set_draining();
-            stop.cancel();
-            accepting.await;
-        }
-    }
+    let accepted = accept_until_stopped(
+        accepting,
+        shutdown,
+        &quit,
+        config.shutdown.min_delay,
+        &stop,
+        &metrics,
+    );
+    accepted.await;
     tracker.close();
     let drain_timeout = config.shutdown.drain_timeout;
     tracing::info!(sessions = tracker.len(), ?drain_timeout, "draining");
@@ -210,4 +197,36 @@ pub async fn run_with(
     helpers.close();
     helpers.wait().await;
     tracing::info!("stopped");
+}
+
+/// Runs `accepting` until `shutdown` (a signal) or `quit` (`POST /quitquitquit`); then
+/// `/readyz` turns false and, after a signal, new clients are still accepted for
+/// `min_delay` (a quit meanwhile cuts it short); then `stop` closes the listener and this
+/// returns once the accept loop has ended.
+async fn accept_until_stopped(
+    accepting: impl Future<Output = ()>,
+    shutdown: impl Future<Output = ()>,
+    quit: &CancellationToken,
+    min_delay: Duration,
+    stop: &CancellationToken,
+    metrics: &Metrics,
+) {
+    tokio::pin!(accepting);
+    tokio::select! {
+        _ = &mut accepting => return,
+        _ = shutdown => {
+            metrics.set_draining();
+            if !min_delay.is_zero() {
+                tracing::info!(?min_delay, "not ready; still accepting for shutdown.min_delay");
+                tokio::select! {
+                    _ = &mut accepting => return,
+                    _ = tokio::time::sleep(min_delay) => {}
+                    _ = quit.cancelled() => {}
+                }
+            }
+        }
+        _ = quit.cancelled() => metrics.set_draining(),
+    }
+    stop.cancel();
+    accepting.await;
 }
