@@ -13,8 +13,9 @@
 //! Around them: [`config`] (layers -> validated `Config`), [`credentials`] (the credential
 //! file, and the only place a secret is looked at), [`rotation`] (reloading it), [`probe`]
 //! (the ambassador's own upstream connections: readiness, `--check`, testing new
-//! credentials), [`metrics`] and [`admin`] (`/healthz`, `/readyz`, `/metrics`); every
-//! long-lived task runs through [`task::catching`], so a panic is counted, not lost.
+//! credentials), [`metrics`] and [`admin`] (`/healthz`, `/readyz`, `/metrics`,
+//! `/quitquitquit`); every long-lived task runs through [`task::catching`], so a panic is
+//! counted, not lost.
 
 pub mod admin;
 pub mod config;
@@ -35,6 +36,7 @@ pub mod upstream;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -48,8 +50,10 @@ use metrics::Metrics;
 use session::Shared;
 
 /// Serves clients from `listener` (and the admin endpoints from `admin`, when given) until
-/// `shutdown` completes; then `/readyz` turns false, the listener stops accepting, open
-/// sessions get `drain_timeout` to finish, and the rest are closed.
+/// `shutdown` completes; then `/readyz` turns false, the listener keeps accepting for
+/// `shutdown.min_delay`, then stops; open sessions get `shutdown.drain_timeout` to finish,
+/// and the rest are closed. `POST /quitquitquit` (with `admin.allow_quit`) does the same
+/// without the delay: whoever asks is done with Redis.
 pub async fn run(
     config: Config,
     listener: Listener,
@@ -107,6 +111,8 @@ pub async fn run_with(
     );
     // Background work ends when `background` is cancelled, after the drain.
     let background = CancellationToken::new();
+    // Cancelled by the admin endpoint's `POST /quitquitquit`, only when the profile allows it.
+    let quit = CancellationToken::new();
     let helpers = TaskTracker::new();
     if let Some(admin) = admin {
         let stop = background.clone();
@@ -114,6 +120,7 @@ pub async fn run_with(
             admin,
             Arc::clone(&metrics),
             config.admin.ready_within,
+            config.admin.allow_quit.then(|| quit.clone()),
             async move { stop.cancelled().await },
         );
         let m = Arc::clone(&metrics);
@@ -163,18 +170,19 @@ pub async fn run_with(
         &tracker,
         kill.clone(),
     );
-    tokio::pin!(accepting);
-    tokio::select! {
-        _ = &mut accepting => {}
-        _ = shutdown => {
-            metrics.set_draining();
-            stop.cancel();
-            accepting.await;
-        }
-    }
+    let accepted = accept_until_stopped(
+        accepting,
+        shutdown,
+        &quit,
+        config.shutdown.min_delay,
+        &stop,
+        &metrics,
+    );
+    accepted.await;
     tracker.close();
-    tracing::info!(sessions = tracker.len(), drain_timeout = ?config.drain_timeout, "draining");
-    if tokio::time::timeout(config.drain_timeout, tracker.wait())
+    let drain_timeout = config.shutdown.drain_timeout;
+    tracing::info!(sessions = tracker.len(), ?drain_timeout, "draining");
+    if tokio::time::timeout(drain_timeout, tracker.wait())
         .await
         .is_err()
     {
@@ -189,4 +197,36 @@ pub async fn run_with(
     helpers.close();
     helpers.wait().await;
     tracing::info!("stopped");
+}
+
+/// Runs `accepting` until `shutdown` (a signal) or `quit` (`POST /quitquitquit`); then
+/// `/readyz` turns false and, after a signal, new clients are still accepted for
+/// `min_delay` (a quit meanwhile cuts it short); then `stop` closes the listener and this
+/// returns once the accept loop has ended.
+async fn accept_until_stopped(
+    accepting: impl Future<Output = ()>,
+    shutdown: impl Future<Output = ()>,
+    quit: &CancellationToken,
+    min_delay: Duration,
+    stop: &CancellationToken,
+    metrics: &Metrics,
+) {
+    tokio::pin!(accepting);
+    tokio::select! {
+        _ = &mut accepting => return,
+        _ = shutdown => {
+            metrics.set_draining();
+            if !min_delay.is_zero() {
+                tracing::info!(?min_delay, "not ready; still accepting for shutdown.min_delay");
+                tokio::select! {
+                    _ = &mut accepting => return,
+                    _ = tokio::time::sleep(min_delay) => {}
+                    _ = quit.cancelled() => {}
+                }
+            }
+        }
+        _ = quit.cancelled() => metrics.set_draining(),
+    }
+    stop.cancel();
+    accepting.await;
 }

@@ -108,6 +108,9 @@ fn main() -> ExitCode {
         if cli.healthcheck {
             return healthcheck(&config).await;
         }
+        // Before any port is open: a SIGTERM that comes as soon as the process has said it
+        // listens must drain, not meet the default action and kill it mid-reply.
+        let shutdown = shutdown_signal();
         let listener = match Listener::bind(&config.listen.address).await {
             Ok(l) => l,
             // The configured path holds something the ambassador will not replace: reported
@@ -135,7 +138,7 @@ fn main() -> ExitCode {
             },
             None => None,
         };
-        redis_ambassador::run(config, listener, admin, shutdown_signal()).await;
+        redis_ambassador::run(config, listener, admin, shutdown).await;
         ExitCode::SUCCESS
     })
 }
@@ -164,7 +167,10 @@ async fn check(config: &Config) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            println!("check: FAILED: {e}");
+            // One line, and the last: an init container's termination message
+            // (FallbackToLogsOnError) is its log's tail, shown by `kubectl describe pod`.
+            let reason = e.to_string().replace(['\r', '\n'], " ");
+            println!("check: FAILED: {reason}");
             ExitCode::FAILURE
         }
     }
@@ -208,27 +214,31 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-/// Completes at the first SIGTERM or SIGINT; a second one exits at once.
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now; the future completes at the first of them,
+/// and a second one exits at once.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    tracing::info!("signal received: draining (a second signal exits at once)");
-    tokio::spawn(async move {
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            return std::future::pending().await;
+        };
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
-        tracing::warn!("second signal: exiting now");
-        std::process::exit(1);
-    });
+        tracing::info!("signal received: draining (a second signal exits at once)");
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::warn!("second signal: exiting now");
+            std::process::exit(1);
+        });
+    }
 }

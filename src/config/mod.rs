@@ -47,7 +47,7 @@ pub struct Config {
     pub reauth_open_sessions: bool,
     pub handshake: Handshake,
     pub admin: Admin,
-    pub drain_timeout: Duration,
+    pub shutdown: Shutdown,
     pub log_format: LogFormat,
 }
 
@@ -58,6 +58,19 @@ pub struct Admin {
     pub probe_interval: Duration,
     /// `/readyz` fails when the upstream was last reached longer ago than this.
     pub ready_within: Duration,
+    /// `POST /quitquitquit` (from a loopback peer) drains and exits, as a signal does.
+    pub allow_quit: bool,
+}
+
+/// What happens after SIGTERM / SIGINT (or `POST /quitquitquit`).
+#[derive(Debug, Clone, Copy)]
+pub struct Shutdown {
+    /// After a signal, keep accepting and serving new clients this long before draining: the
+    /// application beside the ambassador is told to stop at the same moment and may still
+    /// need Redis for its own shutdown. `/readyz` turns false at once regardless.
+    pub min_delay: Duration,
+    /// How long open sessions may finish once the listener is closed.
+    pub drain_timeout: Duration,
 }
 
 #[derive(Debug)]

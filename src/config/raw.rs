@@ -108,6 +108,7 @@ pub(super) struct RawAdmin {
     pub(super) probe_interval: Option<Duration>,
     #[serde(with = "humantime_serde")]
     pub(super) ready_within: Option<Duration>,
+    pub(super) allow_quit: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -115,6 +116,8 @@ pub(super) struct RawAdmin {
 pub(super) struct RawShutdown {
     #[serde(with = "humantime_serde")]
     pub(super) drain_timeout: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub(super) min_delay: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

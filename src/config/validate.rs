@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use super::raw::{Raw, RawAdmin, RawCredentials, RawHandshake, RawListen, RawUpstream};
 use super::{
-    Admin, Config, ConfigErrors, Handshake, HostPort, Listen, ListenAddress, LogFormat, Upstream,
+    Admin, Config, ConfigErrors, Handshake, HostPort, Listen, ListenAddress, LogFormat, Shutdown,
+    Upstream,
 };
 use crate::credentials::{Credentials, DownstreamPassword};
 use crate::dead_peer::DeadPeer;
@@ -23,10 +24,13 @@ pub(super) fn validate(
     let credentials = credentials(&raw.credentials, e);
     let handshake = handshake(raw.handshake, e);
     let admin = admin(raw.admin, e);
-    let drain_timeout = raw
-        .shutdown
-        .drain_timeout
-        .unwrap_or(Duration::from_secs(30));
+    let shutdown = Shutdown {
+        min_delay: raw.shutdown.min_delay.unwrap_or(Duration::ZERO),
+        drain_timeout: raw
+            .shutdown
+            .drain_timeout
+            .unwrap_or(Duration::from_secs(30)),
+    };
     let log_format = match raw.log.format.as_deref() {
         None | Some("text") => LogFormat::Text,
         Some("json") => LogFormat::Json,
@@ -52,7 +56,7 @@ pub(super) fn validate(
                 reauth_open_sessions: raw.credentials.reauth_open_sessions.unwrap_or(true),
                 handshake,
                 admin,
-                drain_timeout,
+                shutdown,
                 log_format,
             })
         }
@@ -200,10 +204,18 @@ fn admin(raw: RawAdmin, errors: &mut ConfigErrors) -> Admin {
             "must be at least admin.probe_interval",
         );
     }
+    let allow_quit = raw.allow_quit.unwrap_or(false);
+    if allow_quit && raw.address.is_none() {
+        errors.add(
+            "admin.allow_quit",
+            "needs admin.address, where POST /quitquitquit is served",
+        );
+    }
     Admin {
         address,
         probe_interval,
         ready_within,
+        allow_quit,
     }
 }
 

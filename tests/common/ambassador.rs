@@ -218,13 +218,17 @@ impl Drop for Ambassador {
 
 /// A minimal HTTP/1.0 GET, enough for the admin endpoint: the status code and the body.
 pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    http_request(addr, "GET", path).await
+}
+
+/// A minimal HTTP/1.0 request with an empty body: the status code and the body.
+pub async fn http_request(addr: &str, method: &str, path: &str) -> (u16, String) {
     let mut s = tokio::time::timeout(DEADLINE, TcpStream::connect(addr))
         .await
         .expect("admin connect timed out")
         .expect("admin connect");
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    let head = format!("{method} {path} HTTP/1.0\r\nHost: test\r\nContent-Length: 0\r\n\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
     let mut reply = Vec::new();
     tokio::time::timeout(DEADLINE, s.read_to_end(&mut reply))
         .await
