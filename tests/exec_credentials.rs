@@ -71,6 +71,9 @@ async fn sessions_outlive_several_expiries_of_their_credentials() {
     let mut admin = server.direct().await;
     let mut sessions = vec![amb.connect().await];
     assert_eq!(generation(&mut sessions[0]).await, 1);
+    // A RESP2 subscriber cannot send AUTH: it keeps gen1 until Redis drops that user.
+    let mut subscriber = amb.connect().await;
+    subscriber.cmd(&["SUBSCRIBE", "news"]).await;
 
     for round in 1..=3u32 {
         wait_until(&format!("refresh {round}"), DEADLINE, || async {
@@ -85,8 +88,24 @@ async fn sessions_outlive_several_expiries_of_their_credentials() {
             let g = generation(s).await;
             assert!(g > round, "round {round}: session {i} is still gen{g}");
         }
+        if round == 1 {
+            wait_until(
+                "the subscriber's re-AUTH counted as deferred",
+                DEADLINE,
+                || async {
+                    let deferred = amb
+                        .metric("ambassador_session_reauth_total", ("result", "deferred"))
+                        .await;
+                    deferred == Some(1.0)
+                },
+            )
+            .await;
+        }
         let deleted = admin.cmd(&["ACL", "DELUSER", &format!("gen{round}")]).await;
         assert_eq!(deleted, int(1));
+        if round == 1 {
+            subscriber.read_to_close().await;
+        }
         for (i, s) in sessions.iter_mut().enumerate() {
             assert_eq!(s.cmd(&["PING"]).await, simple("PONG"), "session {i}");
         }
@@ -96,6 +115,8 @@ async fn sessions_outlive_several_expiries_of_their_credentials() {
         .await
         .expect("the expiry gauge");
     assert!(left > 0.0 && left <= 3.0, "{left}");
+    // Closed first, so the drain has nothing to wait for.
+    drop(sessions);
     amb.stop().await;
 }
 

@@ -130,6 +130,12 @@ where
                 changed = self.credentials.changed(), if watching => {
                     // An error means the store is gone: the process is stopping.
                     self.reauth_due = changed.is_ok();
+                    // Pub/sub or MONITOR: the AUTH waits for a RESET (see `reshape`), so
+                    // the session keeps its old authentication; counted, as operators of
+                    // expiring tokens need to know how many such sessions there are.
+                    if self.reauth_due && !self.tracked {
+                        self.ctx.metrics.reauth("deferred");
+                    }
                 }
             }
         }
