@@ -269,6 +269,17 @@ mod tests {
             format_time(json.credentials.expires_at().unwrap()),
             "2999-01-02T02:04:05Z"
         );
+
+        // What the README's Entra recipe prints: jq's indented JSON, no username.
+        let entra = source(
+            r#"printf '{\n  "password": "eyJ0eXAi",\n  "expires_at": "2999-05-08T15:52:21Z"\n}\n'"#,
+        )
+        .fetch()
+        .await
+        .ok()
+        .unwrap();
+        assert_eq!(entra.credentials.username(), "svc");
+        assert!(entra.credentials.expires_at().is_some());
     }
 
     #[tokio::test]
