@@ -85,6 +85,7 @@ pub async fn run_with(
         handshake: config.handshake.clone(),
         credentials: credentials.clone(),
         reauth_open_sessions: config.reauth_open_sessions,
+        max_session_age: config.max_session_age,
         downstream_password: config.listen.password.map(Arc::new),
         idle_timeout: config.listen.idle_timeout,
         metrics: Arc::clone(&metrics),

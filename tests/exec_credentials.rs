@@ -272,6 +272,12 @@ async fn check_shows_the_source_and_expiry_and_keys_are_validated() {
             "longer than 0s",
         ),
         (
+            "command = [",
+            "max_session_age = \"0s\"\ncommand = [",
+            "credentials.max_session_age",
+            "must be at least 1s",
+        ),
+        (
             "source = \"exec\"",
             "source = \"file\"\nfile = \"x\"",
             "credentials.command",
@@ -305,4 +311,44 @@ async fn check_shows_the_source_and_expiry_and_keys_are_validated() {
         "{shown}"
     );
     assert!(!shown.contains("hunter2"), "{shown}");
+}
+
+/// `AUTH` calls Redis has counted (`INFO commandstats`).
+async fn auth_calls(observer: &mut Raw) -> u64 {
+    let info = text(&observer.cmd(&["INFO", "commandstats"]).await);
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_auth:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `credentials.max_session_age`: an open session sends `AUTH` again once it is that old,
+/// though the credentials did not change (the probe is out of the way: only sessions AUTH).
+#[tokio::test]
+async fn sessions_re_authenticate_at_their_maximum_age() {
+    let server = RedisServer::start(ServerAuth::app());
+    let amb = Ambassador::start(&server, &format!("max_session_age = \"1s\"\n{NO_PROBES}")).await;
+    let mut session = amb.connect().await;
+    assert_eq!(session.cmd(&["PING"]).await, simple("PONG"));
+    let mut observer = server.direct().await;
+    let before = auth_calls(&mut observer).await;
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        assert_eq!(session.cmd(&["PING"]).await, simple("PONG"));
+        if auth_calls(&mut observer).await > before {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no re-AUTH of the open session"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await; // polling interval
+    }
+    let reauths = amb
+        .metric("ambassador_session_reauth_total", ("result", "ok"))
+        .await;
+    assert!(reauths >= Some(1.0), "{reauths:?}");
+    drop(session);
+    amb.stop().await;
 }

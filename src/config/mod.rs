@@ -48,6 +48,9 @@ pub struct Config {
     pub credentials_username: Option<String>,
     /// Re-authenticate open sessions when the credentials change.
     pub reauth_open_sessions: bool,
+    /// Open sessions re-authenticate every this long from their start, even when the
+    /// credentials did not change; `None`: only when they change.
+    pub max_session_age: Option<Duration>,
     pub handshake: Handshake,
     pub admin: Admin,
     pub drain_timeout: Duration,

@@ -99,6 +99,8 @@ pub(super) struct RawCredentials {
     pub(super) refresh_interval: Option<Duration>,
     pub(super) username: Option<String>,
     pub(super) reauth_open_sessions: Option<bool>,
+    #[serde(with = "humantime_serde")]
+    pub(super) max_session_age: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -25,6 +25,19 @@ pub(super) fn validate(
     let upstream = upstream(raw.upstream, e);
     let credentials = credentials(&raw.credentials, e);
     let handshake = handshake(raw.handshake, e);
+    let max_session_age = match raw.credentials.max_session_age {
+        Some(d) if d < Duration::from_secs(1) => {
+            e.add("credentials.max_session_age", "must be at least 1s");
+            None
+        }
+        other => other,
+    };
+    if max_session_age.is_some() && raw.credentials.reauth_open_sessions == Some(false) {
+        e.add(
+            "credentials.max_session_age",
+            "not with credentials.reauth_open_sessions = false",
+        );
+    }
     let admin = admin(raw.admin, e);
     let drain_timeout = raw
         .shutdown
@@ -53,6 +66,7 @@ pub(super) fn validate(
                 credentials,
                 credentials_username: raw.credentials.username,
                 reauth_open_sessions: raw.credentials.reauth_open_sessions.unwrap_or(true),
+                max_session_age,
                 handshake,
                 admin,
                 drain_timeout,
