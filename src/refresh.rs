@@ -78,7 +78,12 @@ impl Refresher {
                 _ = due => {}
             }
             let started = SystemTime::now();
-            match self.refresh().await {
+            // A command still running at shutdown is killed (dropped) rather than awaited.
+            let refreshed = tokio::select! {
+                _ = stop.cancelled() => return,
+                refreshed = self.refresh() => refreshed,
+            };
+            match refreshed {
                 Some(next) => {
                     wait = self.schedule.wait(&next, started);
                     retry = Duration::from_secs(1);

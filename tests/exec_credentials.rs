@@ -302,6 +302,20 @@ async fn check_shows_the_source_and_expiry_and_keys_are_validated() {
         shown.contains("credentials.command: must name a program"),
         "{shown}"
     );
+    // `--healthcheck` loads the profile without running the command.
+    let ran = dir.path().join("ran");
+    let marking = format!("touch '{}'; exit 2", ran.display());
+    std::fs::write(dir.path().join("creds.sh"), marking).unwrap();
+    std::fs::write(dir.path().join("test.toml"), &profile).unwrap();
+    let skipping = redis_ambassador::config::LoadOptions {
+        profile: Some("test".into()),
+        config_dir: dir.path().to_owned(),
+        skip_credentials_command: true,
+        ..Default::default()
+    };
+    redis_ambassador::Config::load(&skipping).expect("valid without running the command");
+    assert!(!ran.exists(), "the command ran");
+
     std::fs::write(dir.path().join("creds.sh"), "echo hunter2; exit 2").unwrap();
     let shown = try_load_config(dir.path(), &profile)
         .unwrap_err()

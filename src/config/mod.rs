@@ -31,6 +31,9 @@ pub struct LoadOptions {
     pub env: HashMap<String, String>,
     /// Command-line flags, as `section.key` -> value; they override every other layer.
     pub overrides: Vec<(String, String)>,
+    /// Check the `exec` keys without running the command (`--healthcheck`, which needs only
+    /// the admin address, must not fetch a token every time it runs).
+    pub skip_credentials_command: bool,
 }
 
 pub const DEFAULT_PROFILE: &str = "dev";
@@ -275,7 +278,7 @@ impl Config {
             }
         };
         let raw = raw::deserialize_reporting_all(tree, &mut errors);
-        validate::validate(raw, profile, errors)
+        validate::validate(raw, profile, opts.skip_credentials_command, errors)
     }
 }
 
