@@ -364,8 +364,7 @@ impl Metrics {
     }
 
     /// Ready: not draining, the upstream matches the profile, the credentials have not
-    /// expired, and it was reached and
-    /// authenticated within `window`. `Err` says why not.
+    /// expired, and it was reached and authenticated within `window`. `Err` says why not.
     pub fn ready(&self, window: Duration) -> Result<(), String> {
         if self.health.draining.load(Ordering::Relaxed) {
             return Err("draining".into());
