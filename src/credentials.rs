@@ -4,7 +4,8 @@
 //! leave this module only as RESP bytes in a [`SecretBytes`]: allocated once at its exact
 //! size (a growing buffer would free copies of the password without zeroing them), zeroed
 //! when dropped, redacted in `Debug`, written to the upstream socket and nowhere else.
-//! `expose_secret()` is called here and nowhere else.
+//! `expose_secret()` is called here (and in [`exec`], which reads a command's output) and
+//! nowhere else.
 //!
 //! The TLS client key is read here too, straight into rustls' key type (redacted `Debug`),
 //! and handed to rustls without passing through any other code.
@@ -24,6 +25,7 @@ use thiserror::Error;
 use tokio::sync::watch;
 
 mod encode;
+pub mod exec;
 
 use encode::{array_header_len, bulk_len};
 pub use encode::{Arg, SecretBytes, HELLO_AUTH};
@@ -71,6 +73,8 @@ pub fn load_tls_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsKeyError> 
 pub struct Credentials {
     username: Option<String>,
     password: SecretString,
+    /// When the source said they stop working (`exec`'s `expires_at`); `None`: never.
+    expires_at: Option<std::time::SystemTime>,
 }
 
 /// The TOML form of a credential file.
@@ -83,7 +87,21 @@ struct FileForm {
 
 impl Credentials {
     pub fn new(username: Option<String>, password: SecretString) -> Self {
-        Credentials { username, password }
+        Credentials {
+            username,
+            password,
+            expires_at: None,
+        }
+    }
+
+    /// Sets when these credentials stop working.
+    pub fn set_expires_at(&mut self, at: Option<std::time::SystemTime>) {
+        self.expires_at = at;
+    }
+
+    /// When these credentials stop working, if their source said.
+    pub fn expires_at(&self) -> Option<std::time::SystemTime> {
+        self.expires_at
     }
 
     /// Reads a credential file: a TOML table with `password` (and optionally `username`), or
@@ -114,7 +132,11 @@ impl Credentials {
             });
         }
         let username = username.or_else(|| default_username.map(str::to_owned));
-        Ok(Credentials { username, password })
+        Ok(Credentials {
+            username,
+            password,
+            expires_at: None,
+        })
     }
 
     /// The user the ambassador authenticates as, for logs and summaries.

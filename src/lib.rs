@@ -11,7 +11,8 @@
 //! 5. [`relay`]: both directions; client commands framed by [`resp`] and judged by [`filter`].
 //!
 //! Around them: [`config`] (layers -> validated `Config`), [`credentials`] (the credential
-//! file, and the only place a secret is looked at), [`rotation`] (reloading it), [`probe`]
+//! file or command, and the only place a secret is looked at), [`rotation`] (reloading the
+//! file), [`refresh`] (running the command again before its credentials expire), [`probe`]
 //! (the ambassador's own upstream connections: readiness, `--check`, testing new
 //! credentials), [`metrics`] and [`admin`] (`/healthz`, `/readyz`, `/metrics`,
 //! `/quitquitquit`); every long-lived task runs through [`task::catching`], so a panic is
@@ -26,6 +27,7 @@ pub mod handshake;
 pub mod listener;
 pub mod metrics;
 pub mod probe;
+pub mod refresh;
 pub mod relay;
 pub mod resp;
 pub mod rotation;
@@ -87,6 +89,7 @@ pub async fn run_with(
         handshake: config.handshake.clone(),
         credentials: credentials.clone(),
         reauth_open_sessions: config.reauth_open_sessions,
+        max_session_age: config.max_session_age,
         downstream_password: config.listen.password.map(Arc::new),
         idle_timeout: config.listen.idle_timeout,
         metrics: Arc::clone(&metrics),
@@ -139,18 +142,36 @@ pub async fn run_with(
         let m = Arc::clone(&metrics);
         helpers.spawn(async move { task::catching("probe", &m, probing).await });
     }
-    let reloading = rotation::Reloader {
-        path: config.credentials_file.clone(),
-        default_username: config.credentials_username.clone(),
-        store: credentials,
-        upstream: config.upstream.clone(),
-        handshake: config.handshake.clone(),
-        expect: config.upstream.expect.clone(),
-        metrics: Arc::clone(&metrics),
+    match config.credentials_source.clone() {
+        config::CredentialSource::File(path) => {
+            let reloading = rotation::Reloader {
+                path,
+                default_username: config.credentials_username.clone(),
+                store: credentials,
+                upstream: config.upstream.clone(),
+                handshake: config.handshake.clone(),
+                expect: config.upstream.expect.clone(),
+                metrics: Arc::clone(&metrics),
+            }
+            .run(background.clone());
+            let m = Arc::clone(&metrics);
+            helpers.spawn(async move { task::catching("reloader", &m, reloading).await });
+        }
+        config::CredentialSource::Exec { source, schedule } => {
+            let refreshing = refresh::Refresher {
+                source,
+                schedule,
+                store: credentials,
+                upstream: config.upstream.clone(),
+                handshake: config.handshake.clone(),
+                expect: config.upstream.expect.clone(),
+                metrics: Arc::clone(&metrics),
+            }
+            .run(background.clone());
+            let m = Arc::clone(&metrics);
+            helpers.spawn(async move { task::catching("refresher", &m, refreshing).await });
+        }
     }
-    .run(background.clone());
-    let m = Arc::clone(&metrics);
-    helpers.spawn(async move { task::catching("reloader", &m, reloading).await });
 
     if let Some(tls) = &config.upstream.tls {
         let watching = tls::watch(tls.clone(), Arc::clone(&metrics), background.clone());

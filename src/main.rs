@@ -77,6 +77,7 @@ fn main() -> ExitCode {
             .filter(|(k, _)| k.starts_with("AMBASSADOR__"))
             .collect::<HashMap<_, _>>(),
         overrides,
+        skip_credentials_command: cli.healthcheck,
     };
     let config = match Config::load(&options) {
         Ok(config) => config,

@@ -29,6 +29,10 @@ pub struct Metrics {
     pub credential_reloads: Family<Labels, Counter>,
     credential_loaded_at: AtomicI64,
     pub credential_age: Gauge<f64, AtomicU64>,
+    credential_refreshes: Family<Labels, Counter>,
+    /// Seconds until the credentials in use expire, from `credential_expires_at` at every
+    /// render; absent while they have no expiry.
+    credential_expiry: Family<Labels, Gauge<f64, AtomicU64>>,
     pub upstream_target: Family<Labels, Gauge>,
     pub session_reauth: Family<Labels, Counter>,
     pub tls_handshakes: Family<Labels, Counter>,
@@ -52,6 +56,8 @@ struct Health {
     draining: AtomicBool,
     /// Why the upstream is not the one the profile expects, if it is not.
     mismatch: Mutex<Option<String>>,
+    /// When the credentials in use expire, if they do.
+    credential_expires_at: Mutex<Option<SystemTime>>,
 }
 
 fn labels(pairs: &[(&'static str, &str)]) -> Labels {
@@ -79,6 +85,8 @@ impl Metrics {
             credential_reloads: Family::default(),
             credential_loaded_at: AtomicI64::new(now_secs()),
             credential_age: Gauge::default(),
+            credential_refreshes: Family::default(),
+            credential_expiry: Family::default(),
             upstream_target: Family::default(),
             session_reauth: Family::default(),
             tls_handshakes: Family::default(),
@@ -93,6 +101,7 @@ impl Metrics {
                 last_ok_ms: AtomicU64::new(0),
                 draining: AtomicBool::new(false),
                 mismatch: Mutex::new(None),
+                credential_expires_at: Mutex::new(None),
             },
             registry: Registry::default(),
         };
@@ -148,6 +157,16 @@ impl Metrics {
             m.credential_age.clone(),
         );
         r.register(
+            "credential_refreshes",
+            "Runs of the credential source (credentials.source = \"exec\"), by source and result (ok or failed)",
+            m.credential_refreshes.clone(),
+        );
+        r.register(
+            "credential_expiry_seconds",
+            "Seconds until the credentials in use expire (negative: expired), by source; absent when they do not",
+            m.credential_expiry.clone(),
+        );
+        r.register(
             "upstream_target",
             "The upstream new connections go to (value 1)",
             m.upstream_target.clone(),
@@ -189,6 +208,15 @@ impl Metrics {
     pub fn render(&self) -> String {
         let loaded = self.credential_loaded_at.load(Ordering::Relaxed);
         self.credential_age.set((now_secs() - loaded).max(0) as f64);
+        if let Some(at) = self.credential_expires_at() {
+            let left = match at.duration_since(SystemTime::now()) {
+                Ok(d) => d.as_secs_f64(),
+                Err(e) => -e.duration().as_secs_f64(),
+            };
+            self.credential_expiry
+                .get_or_create(&labels(&[("source", "exec")]))
+                .set(left);
+        }
         for (file, not_after) in self
             .tls_not_after
             .lock()
@@ -233,6 +261,35 @@ impl Metrics {
             self.credential_loaded_at
                 .store(now_secs(), Ordering::Relaxed);
         }
+    }
+
+    /// A run of the credential `source` gave credentials now in use (`ok`), or did not.
+    pub fn credential_refreshed(&self, source: &str, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.credential_refreshes
+            .get_or_create(&labels(&[("source", source), ("result", result)]))
+            .inc();
+        if ok {
+            self.credential_loaded_at
+                .store(now_secs(), Ordering::Relaxed);
+        }
+    }
+
+    /// The credentials now in use expire at `at` (`None`: never).
+    pub fn set_credential_expiry(&self, at: Option<SystemTime>) {
+        *self
+            .health
+            .credential_expires_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = at;
+    }
+
+    fn credential_expires_at(&self) -> Option<SystemTime> {
+        *self
+            .health
+            .credential_expires_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn reauth(&self, result: &str) {
@@ -306,14 +363,22 @@ impl Metrics {
             .clone()
     }
 
-    /// Ready: not draining, the upstream matches the profile, and it was reached and
-    /// authenticated within `window`. `Err` says why not.
+    /// Ready: not draining, the upstream matches the profile, the credentials have not
+    /// expired, and it was reached and authenticated within `window`. `Err` says why not.
     pub fn ready(&self, window: Duration) -> Result<(), String> {
         if self.health.draining.load(Ordering::Relaxed) {
             return Err("draining".into());
         }
         if let Some(why) = self.mismatch() {
             return Err(why);
+        }
+        if let Some(at) = self.credential_expires_at() {
+            if at <= SystemTime::now() {
+                let at = crate::credentials::exec::format_time(at);
+                return Err(format!(
+                    "credentials expired at {at} and no refresh succeeded"
+                ));
+            }
         }
         let last = self.health.last_ok_ms.load(Ordering::Relaxed);
         let now = self.health.started.elapsed().as_millis() as u64;

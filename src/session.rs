@@ -21,6 +21,7 @@ pub struct Shared {
     pub handshake: Handshake,
     pub credentials: CredentialStore,
     pub reauth_open_sessions: bool,
+    pub max_session_age: Option<Duration>,
     pub downstream_password: Option<Arc<DownstreamPassword>>,
     pub idle_timeout: Option<Duration>,
     pub metrics: Arc<Metrics>,
@@ -86,6 +87,7 @@ where
     let ctx = Context {
         credentials,
         reauth_open_sessions: shared.reauth_open_sessions,
+        max_session_age: shared.max_session_age,
         handshake: shared.handshake.clone(),
         downstream_password: shared.downstream_password.clone(),
         idle_timeout: shared.idle_timeout,

@@ -14,8 +14,10 @@ use std::time::Duration;
 use config::{Environment, File, FileFormat, Value};
 use serde::Deserialize;
 
+use crate::credentials::exec::{format_time, ExecSource};
 use crate::credentials::{Credentials, DownstreamPassword};
 use crate::dead_peer::DeadPeer;
+use crate::refresh::Schedule;
 use crate::tls::Tls;
 
 /// What `main` gathered from the process: the only inputs of [`Config::load`].
@@ -29,6 +31,9 @@ pub struct LoadOptions {
     pub env: HashMap<String, String>,
     /// Command-line flags, as `section.key` -> value; they override every other layer.
     pub overrides: Vec<(String, String)>,
+    /// Check the `exec` keys without running the command (`--healthcheck`, which needs only
+    /// the admin address, must not fetch a token every time it runs).
+    pub skip_credentials_command: bool,
 }
 
 pub const DEFAULT_PROFILE: &str = "dev";
@@ -39,16 +44,32 @@ pub struct Config {
     pub profile: String,
     pub listen: Listen,
     pub upstream: Upstream,
-    pub credentials_file: PathBuf,
+    pub credentials_source: CredentialSource,
+    /// The credentials read (or fetched) at start.
     pub credentials: Credentials,
     /// The username from the profile, for reloads of a file that holds only a password.
     pub credentials_username: Option<String>,
     /// Re-authenticate open sessions when the credentials change.
     pub reauth_open_sessions: bool,
+    /// Open sessions re-authenticate every this long from their start, even when the
+    /// credentials did not change; `None`: only when they change.
+    pub max_session_age: Option<Duration>,
     pub handshake: Handshake,
     pub admin: Admin,
     pub shutdown: Shutdown,
     pub log_format: LogFormat,
+}
+
+/// Where the upstream credentials come from (`credentials.source`).
+#[derive(Debug, Clone)]
+pub enum CredentialSource {
+    /// This file, read again when it changes.
+    File(PathBuf),
+    /// What a command prints, run again before it expires.
+    Exec {
+        source: ExecSource,
+        schedule: Schedule,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -270,7 +291,7 @@ impl Config {
             }
         };
         let raw = raw::deserialize_reporting_all(tree, &mut errors);
-        validate::validate(raw, profile, errors)
+        validate::validate(raw, profile, opts.skip_credentials_command, errors)
     }
 }
 
@@ -286,8 +307,19 @@ impl Config {
             self.upstream.connect_timeout,
             self.upstream.handshake_timeout,
             self.credentials.username(),
-            self.credentials_file.display(),
+            match &self.credentials_source {
+                CredentialSource::File(path) => format!("file {}", path.display()),
+                CredentialSource::Exec { source, .. } =>
+                    format!("command {:?}", source.command[0]),
+            },
         );
+        if let CredentialSource::Exec { .. } = &self.credentials_source {
+            let expires = self.credentials.expires_at().map(format_time);
+            s.push_str(&format!(
+                "\ncredentials expire: {}",
+                expires.as_deref().unwrap_or("never (no expires_at)")
+            ));
+        }
         if let Some(tls) = &self.upstream.tls {
             s.push_str(&format!("\n{}", tls.summary()));
         }

@@ -88,9 +88,19 @@ impl From<RawTls> for TlsOptions {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawCredentials {
+    pub(super) source: Option<String>,
     pub(super) file: Option<PathBuf>,
+    pub(super) command: Option<Vec<String>>,
+    #[serde(with = "humantime_serde")]
+    pub(super) command_timeout: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub(super) refresh_margin: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub(super) refresh_interval: Option<Duration>,
     pub(super) username: Option<String>,
     pub(super) reauth_open_sessions: Option<bool>,
+    #[serde(with = "humantime_serde")]
+    pub(super) max_session_age: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -6,23 +6,39 @@ use std::time::Duration;
 
 use super::raw::{Raw, RawAdmin, RawCredentials, RawHandshake, RawListen, RawUpstream};
 use super::{
-    Admin, Config, ConfigErrors, Handshake, HostPort, Listen, ListenAddress, LogFormat, Shutdown,
-    Upstream,
+    Admin, Config, ConfigErrors, CredentialSource, Handshake, HostPort, Listen, ListenAddress,
+    LogFormat, Shutdown, Upstream,
 };
+use crate::credentials::exec::ExecSource;
 use crate::credentials::{Credentials, DownstreamPassword};
 use crate::dead_peer::DeadPeer;
+use crate::refresh::Schedule;
 use crate::tls::Tls;
 
 pub(super) fn validate(
     raw: Raw,
     profile: String,
+    skip_command: bool,
     mut errors: ConfigErrors,
 ) -> Result<Config, ConfigErrors> {
     let e = &mut errors;
     let listen = listen(raw.listen, e);
     let upstream = upstream(raw.upstream, e);
-    let credentials = credentials(&raw.credentials, e);
+    let credentials = credentials(&raw.credentials, skip_command, e);
     let handshake = handshake(raw.handshake, e);
+    let max_session_age = match raw.credentials.max_session_age {
+        Some(d) if d < Duration::from_secs(1) => {
+            e.add("credentials.max_session_age", "must be at least 1s");
+            None
+        }
+        other => other,
+    };
+    if max_session_age.is_some() && raw.credentials.reauth_open_sessions == Some(false) {
+        e.add(
+            "credentials.max_session_age",
+            "not with credentials.reauth_open_sessions = false",
+        );
+    }
     let admin = admin(raw.admin, e);
     let shutdown = Shutdown {
         min_delay: raw.shutdown.min_delay.unwrap_or(Duration::ZERO),
@@ -43,17 +59,18 @@ pub(super) fn validate(
         }
     };
     match (listen, upstream, credentials) {
-        (Some(listen), Some(upstream), Some((credentials_file, credentials)))
+        (Some(listen), Some(upstream), Some((credentials_source, credentials)))
             if errors.problems.is_empty() =>
         {
             Ok(Config {
                 profile,
                 listen,
                 upstream,
-                credentials_file,
+                credentials_source,
                 credentials,
                 credentials_username: raw.credentials.username,
                 reauth_open_sessions: raw.credentials.reauth_open_sessions.unwrap_or(true),
+                max_session_age,
                 handshake,
                 admin,
                 shutdown,
@@ -154,7 +171,49 @@ fn upstream(raw: RawUpstream, errors: &mut ConfigErrors) -> Option<Upstream> {
     })
 }
 
-fn credentials(raw: &RawCredentials, errors: &mut ConfigErrors) -> Option<(PathBuf, Credentials)> {
+fn credentials(
+    raw: &RawCredentials,
+    skip_command: bool,
+    errors: &mut ConfigErrors,
+) -> Option<(CredentialSource, Credentials)> {
+    match raw.source.as_deref() {
+        None | Some("file") => file_credentials(raw, errors),
+        Some("exec") => exec_credentials(raw, skip_command, errors),
+        Some("aws-iam") => {
+            errors.add(
+                "credentials.source",
+                "\"aws-iam\" is not supported by this version; use \"file\" or \"exec\"",
+            );
+            None
+        }
+        Some(other) => {
+            errors.add(
+                "credentials.source",
+                format!("expected \"file\" or \"exec\", got {other:?}"),
+            );
+            None
+        }
+    }
+}
+
+fn file_credentials(
+    raw: &RawCredentials,
+    errors: &mut ConfigErrors,
+) -> Option<(CredentialSource, Credentials)> {
+    let exec_only = [
+        ("credentials.command", raw.command.is_some()),
+        ("credentials.command_timeout", raw.command_timeout.is_some()),
+        ("credentials.refresh_margin", raw.refresh_margin.is_some()),
+        (
+            "credentials.refresh_interval",
+            raw.refresh_interval.is_some(),
+        ),
+    ];
+    for (key, set) in exec_only {
+        if set {
+            errors.add(key, "only with credentials.source = \"exec\"");
+        }
+    }
     let Some(path) = raw.file.as_deref() else {
         errors.add("credentials.file", "missing");
         return None;
@@ -162,7 +221,86 @@ fn credentials(raw: &RawCredentials, errors: &mut ConfigErrors) -> Option<(PathB
     Credentials::load(path, raw.username.as_deref())
         .map_err(|e| errors.add("credentials.file", e.to_string()))
         .ok()
-        .map(|c| (path.to_owned(), c))
+        .map(|c| (CredentialSource::File(path.to_owned()), c))
+}
+
+/// Checks the `exec` keys and runs the command once (unless `skip_command`: then the
+/// credentials are an empty placeholder, never sent): what it prints is the start-up
+/// credentials, and a command that fails now is reported like an unreadable file.
+fn exec_credentials(
+    raw: &RawCredentials,
+    skip_command: bool,
+    errors: &mut ConfigErrors,
+) -> Option<(CredentialSource, Credentials)> {
+    if raw.file.is_some() {
+        errors.add("credentials.file", "not with credentials.source = \"exec\"");
+    }
+    let command = match raw.command.as_deref() {
+        Some([program, ..]) if !program.is_empty() => raw.command.clone(),
+        Some(_) => {
+            errors.add(
+                "credentials.command",
+                "must name a program: [\"prog\", \"arg\", ...]",
+            );
+            None
+        }
+        None => {
+            errors.add(
+                "credentials.command",
+                "missing (with credentials.source = \"exec\")",
+            );
+            None
+        }
+    };
+    let timeout = positive(
+        errors,
+        "credentials.command_timeout",
+        raw.command_timeout,
+        10,
+    );
+    let interval = match raw.refresh_interval {
+        Some(d) if d.is_zero() => {
+            errors.add("credentials.refresh_interval", "must be longer than 0s");
+            None
+        }
+        other => other,
+    };
+    let source = ExecSource {
+        command: command?,
+        timeout,
+        default_username: raw.username.clone(),
+    };
+    let schedule = Schedule {
+        margin: raw.refresh_margin,
+        interval,
+    };
+    if skip_command {
+        let placeholder = Credentials::new(raw.username.clone(), String::new().into());
+        return Some((CredentialSource::Exec { source, schedule }, placeholder));
+    }
+    let fetched = run_once(&source)
+        .map_err(|e| errors.add("credentials.command", e))
+        .ok()?;
+    Some((CredentialSource::Exec { source, schedule }, fetched))
+}
+
+/// [`ExecSource::fetch`] from synchronous code, inside a runtime or not: on a thread of its
+/// own, with a runtime of its own.
+fn run_once(source: &ExecSource) -> Result<Credentials, String> {
+    let source = source.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start a runtime to run it: {e}"))?;
+        match runtime.block_on(source.fetch()) {
+            Ok(fetched) => Ok(fetched.credentials),
+            Err((e, stderr)) if stderr.is_empty() => Err(e.to_string()),
+            Err((e, stderr)) => Err(format!("{e} (stderr: {stderr})")),
+        }
+    })
+    .join()
+    .unwrap_or_else(|_| Err("running it panicked".to_owned()))
 }
 
 fn handshake(raw: RawHandshake, errors: &mut ConfigErrors) -> Handshake {

@@ -51,6 +51,8 @@ pub struct Context {
     /// The credentials in use; a change re-authenticates the session when allowed.
     pub credentials: watch::Receiver<Arc<Credentials>>,
     pub reauth_open_sessions: bool,
+    /// Re-authenticate every this long, whatever the credentials (`credentials.max_session_age`).
+    pub max_session_age: Option<Duration>,
     pub handshake: Handshake,
     pub downstream_password: Option<Arc<DownstreamPassword>>,
     pub idle_timeout: Option<Duration>,

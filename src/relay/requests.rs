@@ -7,6 +7,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use super::{drain, io_err, Activity, Close, Context, Expect, Expectations, RelayError, CHUNK};
 use crate::credentials::{Arg, Credentials, SecretBytes, HELLO_AUTH};
@@ -34,6 +35,8 @@ pub(super) struct Requests<'c, R, W> {
     tracked: bool,
     /// The credentials changed and this session has not re-authenticated yet.
     reauth_due: bool,
+    /// When the session is due to re-authenticate anyway (`credentials.max_session_age`).
+    reauth_at: Option<Instant>,
     read: &'c AtomicU64,
     activity: &'c Activity,
 }
@@ -79,6 +82,7 @@ where
             stream_answer: None,
             tracked: true,
             reauth_due: false,
+            reauth_at: ctx.max_session_age.map(|age| Instant::now() + age),
             read,
             activity,
         }
@@ -118,6 +122,7 @@ where
             self.expectations.room().await;
             self.buf.reserve(CHUNK);
             let watching = self.ctx.reauth_open_sessions && !self.reauth_due;
+            let aging = self.reauth_at.filter(|_| !self.reauth_due);
             tokio::select! {
                 n = self.client.read_buf(&mut self.buf) => {
                     let n = n.map_err(io_err("client"))?;
@@ -130,6 +135,19 @@ where
                 changed = self.credentials.changed(), if watching => {
                     // An error means the store is gone: the process is stopping.
                     self.reauth_due = changed.is_ok();
+                    // Pub/sub or MONITOR: the AUTH waits for a RESET (see `reshape`), so
+                    // the session keeps its old authentication; counted, as operators of
+                    // expiring tokens need to know how many such sessions there are.
+                    if self.reauth_due && !self.tracked {
+                        self.ctx.metrics.reauth("deferred");
+                    }
+                }
+                _ = sleep_until_some(aging) => {
+                    self.reauth_due = true;
+                    self.reauth_at = aging.zip(self.ctx.max_session_age).map(|(at, age)| at + age);
+                    if !self.tracked {
+                        self.ctx.metrics.reauth("deferred");
+                    }
                 }
             }
         }
@@ -436,4 +454,12 @@ fn hello_command(parts: &[HelloPart<'_>], credentials: &Credentials) -> SecretBy
         }
     }
     credentials.encode(&[&args])
+}
+
+/// Waits until `at`; forever when it is `None`.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
