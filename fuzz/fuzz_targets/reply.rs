@@ -74,7 +74,8 @@ fn run(reads: &[&[u8]]) -> Outcome {
                         end: None,
                     });
                 }
-                Some(Boundary::End { at, push, head }) => {
+                Some(Boundary::End { at, frame: summary }) => {
+                    let (push, head) = (summary.push, summary.head);
                     assert!(open, "End outside a frame");
                     assert_eq!(at, next, "End is the resume offset");
                     assert!(framer.at_boundary());
