@@ -126,8 +126,7 @@ pub async fn run_with(
             config.admin.allow_quit.then(|| quit.clone()),
             async move { stop.cancelled().await },
         );
-        let m = Arc::clone(&metrics);
-        helpers.spawn(async move { task::catching("admin", &m, serving).await });
+        spawn_caught(&helpers, "admin", &metrics, serving);
     }
     if probing {
         let probing = probe::keep_probing(
@@ -139,8 +138,7 @@ pub async fn run_with(
             config.admin.probe_interval,
             background.clone(),
         );
-        let m = Arc::clone(&metrics);
-        helpers.spawn(async move { task::catching("probe", &m, probing).await });
+        spawn_caught(&helpers, "probe", &metrics, probing);
     }
     match config.credentials_source.clone() {
         config::CredentialSource::File(path) => {
@@ -154,8 +152,7 @@ pub async fn run_with(
                 metrics: Arc::clone(&metrics),
             }
             .run(background.clone());
-            let m = Arc::clone(&metrics);
-            helpers.spawn(async move { task::catching("reloader", &m, reloading).await });
+            spawn_caught(&helpers, "reloader", &metrics, reloading);
         }
         config::CredentialSource::Exec { source, schedule } => {
             let refreshing = refresh::Refresher {
@@ -168,15 +165,13 @@ pub async fn run_with(
                 metrics: Arc::clone(&metrics),
             }
             .run(background.clone());
-            let m = Arc::clone(&metrics);
-            helpers.spawn(async move { task::catching("refresher", &m, refreshing).await });
+            spawn_caught(&helpers, "refresher", &metrics, refreshing);
         }
     }
 
     if let Some(tls) = &config.upstream.tls {
         let watching = tls::watch(tls.clone(), Arc::clone(&metrics), background.clone());
-        let m = Arc::clone(&metrics);
-        helpers.spawn(async move { task::catching("tls-watch", &m, watching).await });
+        spawn_caught(&helpers, "tls-watch", &metrics, watching);
     }
 
     let stop = CancellationToken::new();
@@ -250,4 +245,16 @@ async fn accept_until_stopped(
     }
     stop.cancel();
     accepting.await;
+}
+
+/// Spawns a long-lived background task on `helpers` through [`task::catching`], so that a
+/// panic in it is logged and counted under `what`.
+fn spawn_caught(
+    helpers: &TaskTracker,
+    what: &'static str,
+    metrics: &Arc<Metrics>,
+    work: impl Future<Output = ()> + Send + 'static,
+) {
+    let metrics = Arc::clone(metrics);
+    helpers.spawn(async move { task::catching(what, &metrics, work).await });
 }

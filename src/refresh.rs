@@ -17,12 +17,11 @@ use crate::credentials::{CredentialStore, Credentials};
 use crate::handshake::HandshakeError;
 use crate::metrics::Metrics;
 use crate::probe::{self, ProbeError};
+use crate::rotation;
 
 /// Never run the command again sooner than this after a success: credentials that live
 /// shorter than their margin would otherwise be fetched in a loop.
 const MIN_WAIT: Duration = Duration::from_secs(1);
-/// A failed run is tried again after 1 s, then twice as long each time, up to this.
-const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// When to run the command again, from `[credentials]`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -88,9 +87,10 @@ impl Refresher {
                     wait = self.schedule.wait(&next, started);
                     retry = Duration::from_secs(1);
                 }
+                // A failed run is tried again after 1 s, doubling up to 30 s: the file's backoff.
                 None => {
                     wait = Some(retry);
-                    retry = (retry * 2).min(RETRY_MAX);
+                    retry = rotation::next_retry(retry);
                 }
             }
         }

@@ -174,7 +174,7 @@ impl Changes {
 }
 
 /// The wait before the next retry: twice the last, at most `RETRY_MAX`.
-fn next_retry(last: Duration) -> Duration {
+pub(crate) fn next_retry(last: Duration) -> Duration {
     (last * 2).min(RETRY_MAX)
 }
 
