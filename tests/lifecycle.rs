@@ -10,25 +10,8 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn profile(dir: &Path, server: &RedisServer, creds: &Path, extra: &str) {
-    std::fs::create_dir_all(dir.join("profiles")).unwrap();
-    std::fs::write(
-        dir.join("profiles/test.toml"),
-        format!(
-            "[listen]\naddress = \"127.0.0.1:0\"\n[upstream]\naddress = \"{}\"\n[credentials]\nfile = \"{}\"\n\
-             [admin]\naddress = \"127.0.0.1:0\"\nprobe_interval = \"100ms\"\n{extra}",
-            server.addr(),
-            creds.display()
-        ),
-    )
-    .unwrap();
-}
-
-async fn wait_status(admin: &str, path: &str, want: u16) {
-    let what = format!("{path} answering {want}");
-    wait_until(&what, DEADLINE, || async {
-        http_get(admin, path).await.0 == want
-    })
-    .await;
+    let admin = "[admin]\naddress = \"127.0.0.1:0\"\nprobe_interval = \"100ms\"\n";
+    write_test_profile(dir, server, creds, &format!("{admin}{extra}"));
 }
 
 #[tokio::test]

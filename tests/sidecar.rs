@@ -18,25 +18,7 @@ fn profile(dir: &Path, server: &RedisServer, admin: Option<&str>, extra: &str) {
     let admin = admin.map_or_else(String::new, |lines| {
         format!("[admin]\naddress = \"127.0.0.1:0\"\nprobe_interval = \"100ms\"\n{lines}")
     });
-    std::fs::create_dir_all(dir.join("profiles")).unwrap();
-    std::fs::write(
-        dir.join("profiles/test.toml"),
-        format!(
-            "[listen]\naddress = \"127.0.0.1:0\"\n[upstream]\naddress = \"{}\"\n\
-             [credentials]\nfile = \"{}\"\n{admin}{extra}",
-            server.addr(),
-            creds.display()
-        ),
-    )
-    .unwrap();
-}
-
-async fn wait_status(admin: &str, path: &str, want: u16) {
-    let what = format!("{path} answering {want}");
-    wait_until(&what, DEADLINE, || async {
-        http_get(admin, path).await.0 == want
-    })
-    .await;
+    write_test_profile(dir, server, &creds, &format!("{admin}{extra}"));
 }
 
 /// Connects until the listener refuses (the socket is closed, not merely slow), within the

@@ -246,3 +246,13 @@ pub async fn http_request(addr: &str, method: &str, path: &str) -> (u16, String)
         .unwrap_or_default();
     (status, body)
 }
+
+/// Polls `GET path` on the admin endpoint `admin` until it answers `want`, within the
+/// deadline.
+pub async fn wait_status(admin: &str, path: &str, want: u16) {
+    let what = format!("{path} answering {want}");
+    wait_until(&what, DEADLINE, || async {
+        http_get(admin, path).await.0 == want
+    })
+    .await;
+}

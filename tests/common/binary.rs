@@ -174,3 +174,19 @@ impl Drop for Binary {
 
 // Observation helpers for the hostile-input, fault and load tests: what a process holds, what
 // Redis sees, and a poll with a limit.
+
+/// Writes the profile `test` into `dir/profiles`: listening on an ephemeral port, in front of
+/// `server` with the credential file `creds`, and `sections` (further TOML) after that.
+pub fn write_test_profile(dir: &Path, server: &RedisServer, creds: &Path, sections: &str) {
+    std::fs::create_dir_all(dir.join("profiles")).unwrap();
+    std::fs::write(
+        dir.join("profiles/test.toml"),
+        format!(
+            "[listen]\naddress = \"127.0.0.1:0\"\n[upstream]\naddress = \"{}\"\n\
+             [credentials]\nfile = \"{}\"\n{sections}",
+            server.addr(),
+            creds.display()
+        ),
+    )
+    .unwrap();
+}
