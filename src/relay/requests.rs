@@ -31,7 +31,9 @@ pub(super) struct Requests<'c, R, W> {
     mid_stream: bool,
     /// The local answer to the command being streamed, given once it is whole.
     stream_answer: Option<&'static [u8]>,
-    /// Replies can be counted (no pub/sub, MONITOR, CLIENT REPLY since the last RESET).
+    /// No pub/sub, MONITOR or CLIENT REPLY inside MULTI since the last RESET: the
+    /// connection is in a plain request-reply mode, where the ambassador's own AUTH may go
+    /// (a RESP2 subscriber may not send one). The reply side counts replies in every mode.
     tracked: bool,
     /// The credentials changed and this session has not re-authenticated yet.
     reauth_due: bool,
@@ -333,9 +335,10 @@ where
         self.write(&auth).await
     }
 
-    /// The client sent something that is not RESP at `b.done`. While replies are counted,
-    /// the ambassador answers Redis's error itself, after every earlier reply. While they
-    /// cannot be counted (pub/sub, MONITOR), it hands the same bytes to Redis, which parses
+    /// The client sent something that is not RESP at `b.done`. In plain request-reply mode
+    /// the ambassador answers Redis's error itself, after every earlier reply. In pub/sub or
+    /// MONITOR mode (where Redis words some errors differently), it hands the same bytes to
+    /// Redis, which parses
     /// them exactly as the framer did and answers the same error in its proper place, then
     /// closes. Bytes of a client that has not authenticated never go upstream.
     async fn protocol_error(
