@@ -337,9 +337,8 @@ where
 
     /// The client sent something that is not RESP at `b.done`. In plain request-reply mode
     /// the ambassador answers Redis's error itself, after every earlier reply. In pub/sub or
-    /// MONITOR mode it hands the same bytes to Redis, which parses
-    /// them exactly as the framer did and answers the same error in its proper place, then
-    /// closes. Bytes of a client that has not authenticated never go upstream.
+    /// MONITOR mode it hands the same bytes to Redis, which parses them exactly as the
+    /// framer did and answers the same error in its proper place, then closes. Bytes of a client that has not authenticated never go upstream.
     async fn protocol_error(
         &mut self,
         b: &mut Batch,
