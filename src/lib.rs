@@ -5,9 +5,11 @@
 //!
 //! 1. [`listener`]: accept (TCP or unix socket), enforce `max_clients`, spawn a session.
 //! 2. [`session`]: connect upstream, handshake, relay, log one closing line.
-//! 3. [`upstream`]: resolve the host anew and connect (TCP, then TLS with the config [`tls`]
-//!    built at start and rebuilt when its files change) within `connect_timeout`.
-//! 4. [`handshake`]: the ambassador's own AUTH / CLIENT SETNAME / SELECT, within a limit.
+//! 3. [`discovery`]: the target, its host resolved anew for every connection.
+//! 4. [`upstream`]: [`upstream::establish`], the one path from a target and the current
+//!    credentials to an authenticated connection: connect (TCP, then TLS with the config
+//!    [`tls`] built at start and rebuilt when its files change) within `connect_timeout`,
+//!    then [`handshake`], the ambassador's own AUTH / CLIENT SETNAME / SELECT, within a limit.
 //! 5. [`relay`]: both directions; client commands framed by [`resp`] and judged by [`filter`].
 //!
 //! Around them: [`config`] (layers -> validated `Config`), [`credentials`] (the credential
@@ -22,6 +24,7 @@ pub mod admin;
 pub mod config;
 pub mod credentials;
 pub mod dead_peer;
+pub mod discovery;
 pub mod filter;
 pub mod handshake;
 pub mod listener;

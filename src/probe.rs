@@ -14,9 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Handshake, Upstream, UpstreamExpect};
 use crate::credentials::{CredentialStore, Credentials};
-use crate::handshake::{self, HandshakeError};
+use crate::handshake::HandshakeError;
 use crate::metrics::Metrics;
-use crate::upstream::{self, ConnectError};
+use crate::upstream::{self, ConnectError, EstablishError};
 
 #[derive(Debug, Error)]
 pub enum ProbeError {
@@ -56,15 +56,13 @@ async fn authenticate(
     credentials: &Credentials,
     settings: &Handshake,
 ) -> Result<(upstream::Stream, std::net::SocketAddr), ProbeError> {
-    let (mut stream, addr) = upstream::connect(upstream).await?;
-    handshake::run(
-        &mut stream,
-        credentials,
-        settings,
-        upstream.handshake_timeout,
-    )
-    .await?;
-    Ok((stream, addr))
+    let connected = upstream::establish(upstream, &upstream.target(), credentials, settings)
+        .await
+        .map_err(|e| match e {
+            EstablishError::Connect(e) => ProbeError::Connect(e),
+            EstablishError::Handshake(e) => ProbeError::Handshake(e),
+        })?;
+    Ok((connected.stream, connected.addr))
 }
 
 /// Connects, authenticates with `credentials`, asks `ACL WHOAMI` and `INFO server`, and

@@ -10,10 +10,11 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use crate::config::{Handshake, Upstream};
 use crate::credentials::{CredentialStore, DownstreamPassword};
 use crate::dead_peer;
-use crate::handshake::{self, HandshakeError};
+use crate::discovery::Target;
+use crate::handshake::HandshakeError;
 use crate::metrics::Metrics;
 use crate::relay::{self, Context, RelayError};
-use crate::upstream;
+use crate::upstream::{self, EstablishError};
 
 /// What every session shares: built once at start.
 pub struct Shared {
@@ -42,41 +43,18 @@ where
     // Subscribed before reading, so a rotation in between is not missed.
     let mut credentials = shared.credentials.subscribe();
     let current = Arc::clone(&credentials.borrow_and_update());
-    let target = &shared.upstream.address;
-    let (mut upstream, upstream_addr) = match upstream::connect(&shared.upstream).await {
-        Ok(connected) => connected,
+    let target = shared.upstream.target();
+    let connected =
+        upstream::establish(&shared.upstream, &target, &current, &shared.handshake).await;
+    let (upstream, upstream_addr) = match connected {
+        Ok(c) => (c.stream, c.addr),
         Err(e) => {
-            tracing::warn!(upstream = %target, reason = e.reason(), error = %e, "upstream unavailable");
-            metrics.connect_failed(e.reason());
-            let reply = format!("-ERR ambassador: upstream unavailable ({e})\r\n");
-            refuse(&mut client, reply.as_bytes()).await;
+            refuse_unavailable(&mut client, metrics, &target, e).await;
             return;
         }
     };
     if let Some(resumed) = upstream.tls_resumed() {
         metrics.tls_handshake(resumed);
-    }
-    let handshake = handshake::run(
-        &mut upstream,
-        &current,
-        &shared.handshake,
-        shared.upstream.handshake_timeout,
-    )
-    .await;
-    if let Err(e) = handshake {
-        let reply = match &e {
-            HandshakeError::AuthRejected { .. } => {
-                metrics.auth_failures.inc();
-                relay::AUTH_FAILED.to_vec()
-            }
-            other => {
-                metrics.connect_failed("handshake");
-                format!("-ERR ambassador: upstream unavailable ({other})\r\n").into_bytes()
-            }
-        };
-        tracing::warn!(upstream = %upstream_addr, error = %e, "upstream handshake failed");
-        refuse(&mut client, &reply).await;
-        return;
     }
     metrics
         .handshake_seconds
@@ -133,6 +111,40 @@ fn peer_vanished(
         // upstream is a reason to re-check the target at once rather than at the next TTL or
         // poll, so that the client's reconnect goes to the new one.
     }
+}
+
+/// Tells the client why no upstream connection could be made, and closes.
+async fn refuse_unavailable<C>(
+    client: &mut C,
+    metrics: &Metrics,
+    target: &Target,
+    e: EstablishError,
+) where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let reply = match &e {
+        EstablishError::Handshake(HandshakeError::AuthRejected { .. }) => {
+            metrics.auth_failures.inc();
+            relay::AUTH_FAILED.to_vec()
+        }
+        EstablishError::Connect(c) => {
+            metrics.connect_failed(c.reason());
+            format!("-ERR ambassador: upstream unavailable ({e})\r\n").into_bytes()
+        }
+        EstablishError::Handshake(_) => {
+            metrics.connect_failed("handshake");
+            format!("-ERR ambassador: upstream unavailable ({e})\r\n").into_bytes()
+        }
+    };
+    match &e {
+        EstablishError::Connect(c) => {
+            tracing::warn!(upstream = %target, reason = c.reason(), error = %e, "upstream unavailable")
+        }
+        EstablishError::Handshake(_) => {
+            tracing::warn!(upstream = %target, error = %e, "upstream handshake failed")
+        }
+    }
+    refuse(client, &reply).await;
 }
 
 /// Sends a final error reply and closes, letting the client read it first.

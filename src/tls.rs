@@ -19,6 +19,8 @@ use rustls::{ClientConfig, DigitallySignedStruct};
 use rustls::{RootCertStore, SignatureScheme};
 use thiserror::Error;
 
+use crate::discovery::Target;
+
 mod failure;
 mod files;
 mod reload;
@@ -152,6 +154,20 @@ impl Tls {
             options: options.clone(),
             loaded: Arc::new(RwLock::new(Arc::new(loaded))),
         })
+    }
+
+    /// The name a connection to `target` verifies: `server_name` when the profile sets it,
+    /// else the target's own host name (an SRV or Sentinel target names itself), else the
+    /// default derived at start.
+    pub fn name_for(&self, target: &Target) -> ServerName<'static> {
+        if self.options.server_name.is_none() {
+            if let Some(name) = target.tls_name.as_deref() {
+                if let Ok(name) = ServerName::try_from(name.to_owned()) {
+                    return name;
+                }
+            }
+        }
+        self.server_name.clone()
     }
 
     /// The client config for a new connection.

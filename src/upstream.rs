@@ -1,5 +1,6 @@
-//! Reaching the upstream: resolve the host again for every connection, connect and, with
-//! `[upstream.tls]`, run the TLS handshake, all within one `connect_timeout`. TCP_NODELAY on,
+//! Reaching the upstream: resolve the target's host again for every connection, connect and,
+//! with `[upstream.tls]`, run the TLS handshake, all within one `connect_timeout`; then
+//! [`establish`] authenticates. TCP_NODELAY on,
 //! and `dead_peer_timeout` with keepalive, so a silently vanished upstream is noticed.
 
 use std::io;
@@ -14,8 +15,10 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use crate::config::{HostPort, Upstream};
-use crate::dead_peer::DeadPeer;
+use crate::config::{Handshake, HostPort, Upstream};
+use crate::credentials::Credentials;
+use crate::discovery::Target;
+use crate::handshake::{self, HandshakeError};
 use crate::tls::{self, Tls, TlsFailure};
 
 /// The upstream could not be reached. The text is what the client sees after
@@ -143,24 +146,18 @@ fn reason(e: &io::Error) -> String {
     }
 }
 
-/// The resolver's own words ("Name or service not known"): the kind is always "uncategorized".
-fn resolve_reason(e: &io::Error) -> String {
-    let text = e.to_string();
-    text.strip_prefix("failed to lookup address information: ")
-        .unwrap_or(&text)
-        .to_owned()
-}
-
-/// Connects to the first address of the upstream that accepts, then runs the TLS handshake
-/// if configured, all within `connect_timeout`.
-pub async fn connect(upstream: &Upstream) -> Result<(Stream, SocketAddr), ConnectError> {
-    let target = &upstream.address;
+/// Connects to the first address of `target` that accepts, then runs the TLS handshake if
+/// configured, all within `connect_timeout`.
+pub async fn connect(
+    upstream: &Upstream,
+    target: &Target,
+) -> Result<(Stream, SocketAddr), ConnectError> {
     let limit = upstream.connect_timeout;
     let attempt = async {
-        let (tcp, addr) = connect_tcp(target, &upstream.dead_peer).await?;
+        let (tcp, addr) = connect_tcp(upstream, &target.address).await?;
         let stream = match &upstream.tls {
             None => Stream::Plain(tcp),
-            Some(tls) => Stream::Tls(Box::new(handshake(tls, tcp, addr).await?)),
+            Some(tls) => Stream::Tls(Box::new(handshake(tls, target, tcp, addr).await?)),
         };
         Ok((stream, addr))
     };
@@ -173,13 +170,49 @@ pub async fn connect(upstream: &Upstream) -> Result<(Stream, SocketAddr), Connec
     }
 }
 
+/// An authenticated upstream connection, ready for a client or the probe.
+pub struct Connected {
+    pub stream: Stream,
+    pub addr: SocketAddr,
+}
+
+/// Why [`establish`] failed: the connection, or the handshake on it.
+#[derive(Debug, Error)]
+pub enum EstablishError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+}
+
+/// The one path from a target and the current credentials to an authenticated upstream
+/// connection: connect (and TLS) within `connect_timeout`, then the profile's handshake
+/// within `handshake_timeout`. Sessions, the probe and `--check` all come through here.
+pub async fn establish(
+    upstream: &Upstream,
+    target: &Target,
+    credentials: &Credentials,
+    settings: &Handshake,
+) -> Result<Connected, EstablishError> {
+    let (mut stream, addr) = connect(upstream, target).await?;
+    handshake::run(
+        &mut stream,
+        credentials,
+        settings,
+        upstream.handshake_timeout,
+    )
+    .await?;
+    Ok(Connected { stream, addr })
+}
+
 async fn handshake(
     tls: &Tls,
+    target: &Target,
     tcp: TcpStream,
     addr: SocketAddr,
 ) -> Result<TlsStream<TcpStream>, ConnectError> {
     let stream = TlsConnector::from(tls.client_config())
-        .connect(tls.server_name.clone(), tcp)
+        .connect(tls.name_for(target), tcp)
         .await
         .map_err(|e| ConnectError::Tls {
             address: addr,
@@ -196,16 +229,20 @@ async fn handshake(
 }
 
 async fn connect_tcp(
+    upstream: &Upstream,
     target: &HostPort,
-    dead_peer: &DeadPeer,
 ) -> Result<(TcpStream, SocketAddr), ConnectError> {
     let address = target.to_string();
-    let resolved = tokio::net::lookup_host((target.host.as_str(), target.port))
-        .await
-        .map_err(|e| ConnectError::Resolve {
-            address: address.clone(),
-            reason: resolve_reason(&e),
-        })?;
+    let dead_peer = &upstream.dead_peer;
+    let resolved =
+        upstream
+            .resolver
+            .resolve(target)
+            .await
+            .map_err(|reason| ConnectError::Resolve {
+                address: address.clone(),
+                reason,
+            })?;
     let mut last = None;
     for addr in resolved {
         match TcpStream::connect(addr).await {

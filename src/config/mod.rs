@@ -17,6 +17,7 @@ use serde::Deserialize;
 use crate::credentials::exec::{format_time, ExecSource};
 use crate::credentials::{Credentials, DownstreamPassword};
 use crate::dead_peer::DeadPeer;
+use crate::discovery::{Resolver, Target};
 use crate::refresh::Schedule;
 use crate::tls::Tls;
 
@@ -124,6 +125,8 @@ impl fmt::Display for ListenAddress {
 #[derive(Debug, Clone)]
 pub struct Upstream {
     pub address: HostPort,
+    /// The system resolver, or `upstream.dns_server`.
+    pub resolver: Resolver,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
     /// `TCP_USER_TIMEOUT` and keepalive on every upstream connection.
@@ -131,6 +134,13 @@ pub struct Upstream {
     pub expect: UpstreamExpect,
     /// `[upstream.tls]`, its client config already built: `None` is plain TCP.
     pub tls: Option<Tls>,
+}
+
+impl Upstream {
+    /// Where new connections go: the static address (discovery of other kinds comes here).
+    pub fn target(&self) -> Target {
+        Target::at(self.address.clone())
+    }
 }
 
 /// What the profile expects of its upstream, so a pod with the wrong environment's secret or
@@ -299,11 +309,12 @@ impl Config {
     /// A summary safe to print: addresses, names and file paths, never a secret.
     pub fn summary(&self) -> String {
         let mut s = format!(
-            "profile: {}\nlisten: {} (max_clients {})\nupstream: {} (connect_timeout {:?}, handshake_timeout {:?})\ncredentials: user {:?} from {} (password redacted)",
+            "profile: {}\nlisten: {} (max_clients {})\nupstream: {} via {:?} (connect_timeout {:?}, handshake_timeout {:?})\ncredentials: user {:?} from {} (password redacted)",
             self.profile,
             self.listen.address,
             self.listen.max_clients,
             self.upstream.address,
+            self.upstream.resolver,
             self.upstream.connect_timeout,
             self.upstream.handshake_timeout,
             self.credentials.username(),

@@ -1,6 +1,7 @@
 //! From the raw, all-optional form to a typed [`Config`], one section at a time; every
 //! problem is recorded by its key and checking goes on, so all are reported at once.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use super::{
 use crate::credentials::exec::ExecSource;
 use crate::credentials::{Credentials, DownstreamPassword};
 use crate::dead_peer::DeadPeer;
+use crate::discovery::Resolver;
 use crate::refresh::Schedule;
 use crate::tls::Tls;
 
@@ -137,9 +139,19 @@ fn upstream(raw: RawUpstream, errors: &mut ConfigErrors) -> Option<Upstream> {
     if raw.sentinel.is_some() {
         errors.add("upstream.sentinel", not_yet);
     }
-    if raw.dns_server.is_some() {
-        errors.add("upstream.dns_server", "not supported by this version");
-    }
+    let resolver = match raw.dns_server.as_deref().map(str::parse::<SocketAddr>) {
+        None => Some(Resolver::System),
+        Some(Ok(server)) => Resolver::server(server)
+            .map_err(|e| errors.add("upstream.dns_server", e.to_string()))
+            .ok(),
+        Some(Err(_)) => {
+            errors.add(
+                "upstream.dns_server",
+                "expected ip:port, such as 10.0.0.2:53",
+            );
+            None
+        }
+    };
     let tls = raw.tls.filter(|t| t.enabled.unwrap_or(true)).and_then(|t| {
         let host = address.as_ref().map(|a| a.host.as_str());
         Tls::build(&t.into(), host)
@@ -163,6 +175,7 @@ fn upstream(raw: RawUpstream, errors: &mut ConfigErrors) -> Option<Upstream> {
     );
     Some(Upstream {
         address: address?,
+        resolver: resolver?,
         connect_timeout,
         handshake_timeout,
         dead_peer,
