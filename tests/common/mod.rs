@@ -7,6 +7,7 @@ pub mod pki;
 
 mod ambassador;
 mod binary;
+mod dns;
 mod fake;
 mod netns;
 mod process;
@@ -15,7 +16,7 @@ mod redis;
 
 // Each test binary uses part of the harness.
 #[allow(unused_imports)]
-pub use {ambassador::*, binary::*, fake::*, netns::*, process::*, raw::*, redis::*};
+pub use {ambassador::*, binary::*, dns::*, fake::*, netns::*, process::*, raw::*, redis::*};
 
 pub use pki::ServerTls;
 

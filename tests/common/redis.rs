@@ -67,6 +67,12 @@ impl RedisServer {
         Self::launch(auth, extra, false, None)
     }
 
+    /// A server on a given loopback address and port (two servers on one port and different
+    /// addresses stand for a host name whose DNS answer moves).
+    pub fn start_at(auth: ServerAuth, host: &str, port: u16) -> RedisServer {
+        Self::launch_at(auth, &[], false, None, Some((host, port)))
+    }
+
     /// A server inside `ns`, listening on the namespace's address only.
     pub fn start_in(ns: &Netns, auth: ServerAuth) -> RedisServer {
         Self::launch(auth, &[], false, Some(ns))
@@ -99,12 +105,25 @@ impl RedisServer {
     }
 
     fn launch(auth: ServerAuth, extra: &[&str], tls: bool, ns: Option<&Netns>) -> RedisServer {
-        let host = ns.map_or_else(|| "127.0.0.1".to_owned(), |ns| ns.inner_addr.to_string());
+        Self::launch_at(auth, extra, tls, ns, None)
+    }
+
+    fn launch_at(
+        auth: ServerAuth,
+        extra: &[&str],
+        tls: bool,
+        ns: Option<&Netns>,
+        at: Option<(&str, u16)>,
+    ) -> RedisServer {
+        let host = match at {
+            Some((host, _)) => host.to_owned(),
+            None => ns.map_or_else(|| "127.0.0.1".to_owned(), |ns| ns.inner_addr.to_string()),
+        };
         let binary = require("redis-server");
         let mut dir = tempfile::tempdir().expect("temp dir");
         let mut last_log = String::new();
         for _ in 0..5 {
-            let port = free_port();
+            let port = at.map_or_else(free_port, |(_, port)| port);
             let tls_port = tls.then(free_port);
             let mut args: Vec<String> = vec![
                 "--port".into(),
