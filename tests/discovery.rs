@@ -8,6 +8,22 @@ mod common;
 use common::*;
 use redis_protocol::resp3::types::OwnedFrame;
 
+/// A profile whose upstream is `host:port`, resolved by `dns`, with `server`'s credentials.
+fn profile(
+    server: &RedisServer,
+    dns: &Dns,
+    host: &str,
+    port: u16,
+    dir: &std::path::Path,
+) -> String {
+    let creds = server.credential_file(dir);
+    format!(
+        "[listen]\naddress = \"127.0.0.1:0\"\n[upstream]\naddress = \"{host}:{port}\"\ndns_server = \"{}\"\n[credentials]\nfile = \"{}\"\n{NO_PROBES}",
+        dns.addr,
+        creds.display()
+    )
+}
+
 /// Which of the two servers a connection reached.
 async fn who(raw: &mut Raw) -> OwnedFrame {
     raw.cmd(&["GET", "who"]).await
@@ -24,12 +40,7 @@ async fn each_new_connection_resolves_the_host_again_with_the_given_dns_server()
     dns.wait_answer("cache.test", "127.0.0.1").await;
 
     let dir = tempfile::tempdir().unwrap();
-    let creds = first.credential_file(dir.path());
-    let profile = format!(
-        "[listen]\naddress = \"127.0.0.1:0\"\n[upstream]\naddress = \"cache.test:{port}\"\ndns_server = \"{}\"\n[credentials]\nfile = \"{}\"\n{NO_PROBES}",
-        dns.addr,
-        creds.display()
-    );
+    let profile = profile(&first, &dns, "cache.test", port, dir.path());
     let config = load_config(dir.path(), &profile);
     assert!(config
         .summary()
@@ -55,13 +66,7 @@ async fn a_name_the_dns_server_does_not_know_is_the_upstream_unavailable_error()
     let dns = Dns::start(&[("127.0.0.1", "cache.test")]);
     dns.wait_answer("cache.test", "127.0.0.1").await;
     let dir = tempfile::tempdir().unwrap();
-    let creds = server.credential_file(dir.path());
-    let profile = format!(
-        "[listen]\naddress = \"127.0.0.1:0\"\n[upstream]\naddress = \"missing.test:{}\"\ndns_server = \"{}\"\n[credentials]\nfile = \"{}\"\n{NO_PROBES}",
-        server.port,
-        dns.addr,
-        creds.display()
-    );
+    let profile = profile(&server, &dns, "missing.test", server.port, dir.path());
     let amb = Ambassador::with_config(load_config(dir.path(), &profile), dir).await;
     let mut client = amb.connect().await;
     let reply = client.cmd(&["PING"]).await;
