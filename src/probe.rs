@@ -14,16 +14,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Handshake, Upstream, UpstreamExpect};
 use crate::credentials::{CredentialStore, Credentials};
-use crate::handshake::HandshakeError;
 use crate::metrics::Metrics;
-use crate::upstream::{self, ConnectError, EstablishError};
+use crate::upstream::{self, EstablishError};
 
 #[derive(Debug, Error)]
 pub enum ProbeError {
+    /// No authenticated connection: the connection or the handshake failed.
     #[error(transparent)]
-    Connect(#[from] ConnectError),
-    #[error(transparent)]
-    Handshake(#[from] HandshakeError),
+    Establish(#[from] EstablishError),
     /// The upstream is reachable and accepted the credentials, but it is not the one the
     /// profile describes (`upstream.expect`).
     #[error("upstream does not match the profile ({0})")]
@@ -56,12 +54,8 @@ async fn authenticate(
     credentials: &Credentials,
     settings: &Handshake,
 ) -> Result<(upstream::Stream, std::net::SocketAddr), ProbeError> {
-    let connected = upstream::establish(upstream, &upstream.target(), credentials, settings)
-        .await
-        .map_err(|e| match e {
-            EstablishError::Connect(e) => ProbeError::Connect(e),
-            EstablishError::Handshake(e) => ProbeError::Handshake(e),
-        })?;
+    let connected =
+        upstream::establish(upstream, &upstream.target(), credentials, settings).await?;
     Ok((connected.stream, connected.addr))
 }
 

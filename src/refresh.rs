@@ -18,6 +18,7 @@ use crate::handshake::HandshakeError;
 use crate::metrics::Metrics;
 use crate::probe::{self, ProbeError};
 use crate::rotation;
+use crate::upstream::EstablishError;
 
 /// Never run the command again sooner than this after a success: credentials that live
 /// shorter than their margin would otherwise be fetched in a loop.
@@ -119,7 +120,9 @@ impl Refresher {
         let candidate = fetched.credentials;
         match probe::probe(&self.upstream, &candidate, &self.handshake, &self.expect).await {
             Ok(_) => {}
-            Err(ProbeError::Handshake(HandshakeError::AuthRejected { reason, .. })) => {
+            Err(ProbeError::Establish(EstablishError::Handshake(
+                HandshakeError::AuthRejected { reason, .. },
+            ))) => {
                 tracing::warn!(user = candidate.username(), %reason, "credentials from the command refused by the upstream; keeping the current ones, will retry");
                 self.metrics.credential_refreshed("exec", false);
                 return None;

@@ -20,6 +20,7 @@ use crate::credentials::{CredentialStore, Credentials};
 use crate::handshake::HandshakeError;
 use crate::metrics::Metrics;
 use crate::probe::{self, ProbeError};
+use crate::upstream::EstablishError;
 
 /// Events arriving this close together are one change (a swap is several renames).
 const SETTLE: Duration = Duration::from_millis(100);
@@ -105,7 +106,9 @@ impl Reloader {
                 self.metrics.reloaded("applied");
                 None
             }
-            Err(ProbeError::Handshake(HandshakeError::AuthRejected { reason, .. })) => {
+            Err(ProbeError::Establish(EstablishError::Handshake(
+                HandshakeError::AuthRejected { reason, .. },
+            ))) => {
                 tracing::warn!(user = candidate.username(), %reason, "new credentials refused by the upstream; keeping the current ones, will retry");
                 self.metrics.reloaded("rejected");
                 Some(candidate)
