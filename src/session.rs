@@ -122,28 +122,29 @@ async fn refuse_unavailable<C>(
 ) where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    let reply = match &e {
-        EstablishError::Handshake(HandshakeError::AuthRejected { .. }) => {
-            metrics.auth_failures.inc();
-            relay::AUTH_FAILED.to_vec()
-        }
-        EstablishError::Connect(c) => {
-            metrics.connect_failed(c.reason());
-            format!("-ERR ambassador: upstream unavailable ({e})\r\n").into_bytes()
-        }
-        EstablishError::Handshake(_) => {
-            metrics.connect_failed("handshake");
-            format!("-ERR ambassador: upstream unavailable ({e})\r\n").into_bytes()
-        }
-    };
+    let auth_rejected = matches!(
+        e,
+        EstablishError::Handshake(HandshakeError::AuthRejected { .. })
+    );
     match &e {
         EstablishError::Connect(c) => {
-            tracing::warn!(upstream = %target, reason = c.reason(), error = %e, "upstream unavailable")
+            tracing::warn!(upstream = %target, reason = c.reason(), error = %e, "upstream unavailable");
+            metrics.connect_failed(c.reason());
         }
         EstablishError::Handshake(_) => {
-            tracing::warn!(upstream = %target, error = %e, "upstream handshake failed")
+            tracing::warn!(upstream = %target, error = %e, "upstream handshake failed");
+            if auth_rejected {
+                metrics.auth_failures.inc();
+            } else {
+                metrics.connect_failed("handshake");
+            }
         }
     }
+    let reply = if auth_rejected {
+        relay::AUTH_FAILED.to_vec()
+    } else {
+        format!("-ERR ambassador: upstream unavailable ({e})\r\n").into_bytes()
+    };
     refuse(client, &reply).await;
 }
 
