@@ -22,15 +22,19 @@ pub struct Target {
     /// A host name (resolved for every connection) or an IP address, and a port.
     pub address: HostPort,
     /// The name TLS verifies when `upstream.tls.server_name` does not say: the target's own
-    /// host name.
+    /// host name (an SRV or Sentinel target's). `None`: the name derived at start from
+    /// `upstream.address`.
     pub tls_name: Option<String>,
 }
 
 impl Target {
-    /// A target whose TLS name is its own host.
+    /// `upstream.address`: TLS verifies the name derived from it at start, so nothing is
+    /// parsed again per connection.
     pub fn at(address: HostPort) -> Target {
-        let tls_name = Some(address.host.clone()).filter(|h| h.parse::<IpAddr>().is_err());
-        Target { address, tls_name }
+        Target {
+            address,
+            tls_name: None,
+        }
     }
 }
 
