@@ -952,7 +952,8 @@ const SERVER_ARGS: &[&str] = &[
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resp_cases_match_redis() {
     let server = RedisServer::start_with(ServerAuth::app(), SERVER_ARGS);
-    let amb = Ambassador::start(&server, "").await;
+    // No periodic probe: its AUTH would show in the MONITOR cases' feeds.
+    let amb = Ambassador::start(&server, NO_PROBES).await;
     run_corpus(&server, &amb).await;
 }
 
@@ -966,7 +967,7 @@ async fn resp_cases_match_redis_over_tls() {
     let dir = tempfile::tempdir().unwrap();
     let profile = format!(
         "[listen]\naddress = \"127.0.0.1:0\"\n[upstream]\naddress = \"{}\"\n\
-         [upstream.tls]\nca_file = \"{}\"\n[credentials]\nfile = \"{}\"\n",
+         [upstream.tls]\nca_file = \"{}\"\n[credentials]\nfile = \"{}\"\n{NO_PROBES}",
         server.tls_addr("localhost"),
         pki.ca.display(),
         server.credential_file(dir.path()).display()
