@@ -86,6 +86,11 @@ struct FileForm {
 }
 
 impl Credentials {
+    /// No credentials (TCP mode, which authenticates nothing).
+    pub fn none() -> Self {
+        Self::new(None, SecretString::from(String::new()))
+    }
+
     pub fn new(username: Option<String>, password: SecretString) -> Self {
         Credentials {
             username,

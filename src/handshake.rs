@@ -36,6 +36,10 @@ pub enum HandshakeError {
     Tls(TlsFailure),
     #[error("upstream sent a malformed reply during the handshake")]
     Malformed,
+    /// Sentinel announced a master that `ROLE` says is not one (a failover under way, or an
+    /// old master restarted before it was reconfigured).
+    #[error("the announced master is a {role}")]
+    NotMaster { role: String },
 }
 
 impl From<std::io::Error> for HandshakeError {
@@ -101,11 +105,13 @@ pub fn check_reply(
     })
 }
 
-/// Runs the handshake on a fresh upstream connection.
+/// Runs the handshake on a fresh upstream connection; with `confirm_master`, `ROLE` is
+/// pipelined after it and must answer `master`.
 pub async fn run<S>(
     stream: &mut S,
     credentials: &Credentials,
     settings: &Handshake,
+    confirm_master: bool,
     limit: Duration,
 ) -> Result<(), HandshakeError>
 where
@@ -114,26 +120,55 @@ where
     let cmds = commands(credentials, settings);
     let exchange = async {
         stream.write_all(&cmds.bytes).await?;
+        if confirm_master {
+            stream.write_all(b"*1\r\n$4\r\nROLE\r\n").await?;
+        }
         let mut buf = Vec::with_capacity(256);
         for index in 0..cmds.names.len() {
-            let frame = loop {
-                if let Some((frame, used)) = decode(&buf).map_err(|_| HandshakeError::Malformed)? {
-                    buf.drain(..used);
-                    break frame;
-                }
-                if stream.read_buf(&mut buf).await? == 0 {
-                    return Err(HandshakeError::Closed);
-                }
-            };
-            let reply = match frame {
+            let reply = match read_frame(stream, &mut buf).await? {
                 OwnedFrame::Error(e) => Err(e),
                 _ => Ok(()),
             };
             check_reply(&cmds, index, credentials.username(), reply)?;
+        }
+        if confirm_master {
+            check_role(read_frame(stream, &mut buf).await?)?;
         }
         Ok(())
     };
     tokio::time::timeout(limit, exchange)
         .await
         .map_err(|_| HandshakeError::Timeout(limit))?
+}
+
+/// `ROLE`'s first element must be `master`. A user not allowed `ROLE` cannot confirm, and
+/// is taken at Sentinel's word.
+fn check_role(reply: OwnedFrame) -> Result<(), HandshakeError> {
+    match reply {
+        OwnedFrame::Array(parts) => match parts.first() {
+            Some(OwnedFrame::BulkString(role)) if role == b"master" => Ok(()),
+            Some(OwnedFrame::BulkString(role)) => Err(HandshakeError::NotMaster {
+                role: String::from_utf8_lossy(role).into_owned(),
+            }),
+            _ => Err(HandshakeError::Malformed),
+        },
+        OwnedFrame::Error(e) if e.starts_with("NOPERM") => Ok(()),
+        _ => Err(HandshakeError::Malformed),
+    }
+}
+
+/// Reads one RESP2 reply, keeping what follows it in `buf`.
+pub async fn read_frame<S>(stream: &mut S, buf: &mut Vec<u8>) -> Result<OwnedFrame, HandshakeError>
+where
+    S: AsyncRead + Unpin,
+{
+    loop {
+        if let Some((frame, used)) = decode(buf).map_err(|_| HandshakeError::Malformed)? {
+            buf.drain(..used);
+            return Ok(frame);
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return Err(HandshakeError::Closed);
+        }
+    }
 }

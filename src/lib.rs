@@ -85,7 +85,6 @@ pub async fn run_with(
     {
         tracing::warn!("{}", tls::INSECURE_WARNING);
     }
-    metrics.set_target(&config.upstream.address.to_string());
     let credentials = CredentialStore::new(config.credentials);
     let shared = Arc::new(Shared {
         upstream: config.upstream.clone(),
@@ -111,7 +110,7 @@ pub async fn run_with(
         address = %listener.local_address(),
         admin = %admin_address,
         probe = %probe_interval,
-        upstream = %config.upstream.address,
+        upstream = %config.upstream.discovery,
         profile = %config.profile,
         "listening"
     );
@@ -143,7 +142,16 @@ pub async fn run_with(
         );
         spawn_caught(&helpers, "probe", &metrics, probing);
     }
+    let discovering = Arc::clone(&config.upstream.discovery).run(
+        config.upstream.clone(),
+        credentials.clone(),
+        config.handshake.clone(),
+        Arc::clone(&metrics),
+        background.clone(),
+    );
+    spawn_caught(&helpers, "discovery", &metrics, discovering);
     match config.credentials_source.clone() {
+        config::CredentialSource::None => {}
         config::CredentialSource::File(path) => {
             let reloading = rotation::Reloader {
                 path,

@@ -37,6 +37,10 @@ pub struct Metrics {
     pub session_reauth: Family<Labels, Counter>,
     pub tls_handshakes: Family<Labels, Counter>,
     pub dead_peers: Family<Labels, Counter>,
+    target_changes: Counter,
+    discovery_failures: Counter,
+    backend_healthy: Family<Labels, Gauge>,
+    sessions_moved: Family<Labels, Counter>,
     sessions_closed: Family<Labels, Counter>,
     tls_reloads: Family<Labels, Counter>,
     /// `notAfter` of the TLS certificates in use (seconds since the epoch), by file; the
@@ -91,6 +95,10 @@ impl Metrics {
             session_reauth: Family::default(),
             tls_handshakes: Family::default(),
             dead_peers: Family::default(),
+            target_changes: Counter::default(),
+            discovery_failures: Counter::default(),
+            backend_healthy: Family::default(),
+            sessions_moved: Family::default(),
             sessions_closed: Family::default(),
             tls_reloads: Family::default(),
             tls_not_after: Mutex::new(Vec::new()),
@@ -185,6 +193,26 @@ impl Metrics {
             "dead_peers",
             "Sessions closed because a peer vanished without a word (keepalive or TCP_USER_TIMEOUT), by side",
             m.dead_peers.clone(),
+        );
+        r.register(
+            "upstream_target_changes",
+            "Changes of the upstream target(s) new connections go to (SRV answer, Sentinel failover, backend health)",
+            m.target_changes.clone(),
+        );
+        r.register(
+            "discovery_failures",
+            "Failed lookups (SRV, Sentinel); the last good answer stays in use",
+            m.discovery_failures.clone(),
+        );
+        r.register(
+            "backend_healthy",
+            "Whether each backend of upstream.addresses passed its last health check (1) or not (0)",
+            m.backend_healthy.clone(),
+        );
+        r.register(
+            "sessions_moved",
+            "Open sessions closed because their upstream is no longer the target, by how (idle, grace, failover, readonly)",
+            m.sessions_moved.clone(),
         );
         r.register(
             "sessions_closed",
@@ -329,11 +357,37 @@ impl Metrics {
         *self.tls_not_after.lock().unwrap_or_else(|e| e.into_inner()) = not_after.to_vec();
     }
 
-    pub fn set_target(&self, address: &str) {
+    /// The targets new connections go to now.
+    pub fn set_targets<T: std::fmt::Display>(&self, targets: &[T]) {
         self.upstream_target.clear();
-        self.upstream_target
+        for target in targets {
+            self.upstream_target
+                .get_or_create(&labels(&[("address", &target.to_string())]))
+                .set(1);
+        }
+    }
+
+    /// Discovery changed the targets new connections go to.
+    pub fn target_changed<T: std::fmt::Display>(&self, targets: &[T]) {
+        self.target_changes.inc();
+        self.set_targets(targets);
+    }
+
+    pub fn discovery_failed(&self) {
+        self.discovery_failures.inc();
+    }
+
+    pub fn set_backend_health(&self, address: &str, healthy: bool) {
+        self.backend_healthy
             .get_or_create(&labels(&[("address", address)]))
-            .set(1);
+            .set(i64::from(healthy));
+    }
+
+    /// An open session was closed because its upstream is no longer the target.
+    pub fn session_moved(&self, how: &str) {
+        self.sessions_moved
+            .get_or_create(&labels(&[("how", how)]))
+            .inc();
     }
 
     /// An upstream handshake succeeded just now.

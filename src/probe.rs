@@ -54,8 +54,7 @@ async fn authenticate(
     credentials: &Credentials,
     settings: &Handshake,
 ) -> Result<(upstream::Stream, std::net::SocketAddr), ProbeError> {
-    let connected =
-        upstream::establish(upstream, &upstream.target(), credentials, settings).await?;
+    let connected = upstream::open(upstream, credentials, settings).await?;
     Ok((connected.stream, connected.addr))
 }
 
@@ -182,16 +181,16 @@ pub async fn keep_probing(
         };
         match found {
             Ok(address) => {
+                tracing::trace!(upstream = %address, "probe ok");
                 metrics.upstream_ok();
                 metrics.set_mismatch(None);
-                metrics.set_target(&address);
             }
             Err(ProbeError::Mismatch(why)) => {
-                tracing::error!(upstream = %upstream.address, mismatch = %why, "refusing to relay: upstream does not match the profile");
+                tracing::error!(upstream = %upstream.discovery, mismatch = %why, "refusing to relay: upstream does not match the profile");
                 metrics.set_mismatch(Some(why));
             }
             Err(e) => {
-                tracing::warn!(upstream = %upstream.address, error = %e, "readiness probe failed")
+                tracing::warn!(upstream = %upstream.discovery, error = %e, "readiness probe failed")
             }
         }
         tokio::select! {
@@ -202,15 +201,18 @@ pub async fn keep_probing(
 }
 
 /// `interval` times a random factor in [0.8, 1.2).
-fn jittered(interval: Duration) -> Duration {
+pub(crate) fn jittered(interval: Duration) -> Duration {
+    interval.mul_f64(0.8 + 0.4 * random_unit())
+}
+
+/// A random number in [0, 1); 0.5 in the (never seen on Linux) absence of randomness.
+pub(crate) fn random_unit() -> f64 {
     use ring::rand::{SecureRandom, SystemRandom};
     let mut bytes = [0u8; 4];
-    // Without randomness (never seen on Linux), the plain interval.
     if SystemRandom::new().fill(&mut bytes).is_err() {
-        return interval;
+        return 0.5;
     }
-    let unit = f64::from(u32::from_le_bytes(bytes)) / (f64::from(u32::MAX) + 1.0);
-    interval.mul_f64(0.8 + 0.4 * unit)
+    f64::from(u32::from_le_bytes(bytes)) / (f64::from(u32::MAX) + 1.0)
 }
 
 #[cfg(test)]

@@ -1,4 +1,7 @@
 //! One client's life: connect upstream -> handshake -> relay, then one closing log line.
+//! In TCP mode ([`tcp`]): connect, then copy bytes both ways.
+
+mod tcp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,13 +10,13 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use crate::config::{Handshake, Upstream};
+use crate::config::{Handshake, Protocol, Upstream};
 use crate::credentials::{CredentialStore, DownstreamPassword};
 use crate::dead_peer;
-use crate::discovery::Target;
+use crate::discovery::Discovery;
 use crate::handshake::HandshakeError;
 use crate::metrics::Metrics;
-use crate::relay::{self, Context, RelayError};
+use crate::relay::{self, Context, Moves, RelayError};
 use crate::upstream::{self, EstablishError};
 
 /// What every session shares: built once at start.
@@ -40,16 +43,20 @@ where
         refuse(&mut client, reply.as_bytes()).await;
         return;
     }
+    if shared.upstream.protocol == Protocol::Tcp {
+        return tcp::serve(client, &shared, started).await;
+    }
     // Subscribed before reading, so a rotation in between is not missed.
     let mut credentials = shared.credentials.subscribe();
     let current = Arc::clone(&credentials.borrow_and_update());
-    let target = shared.upstream.target();
-    let connected =
-        upstream::establish(&shared.upstream, &target, &current, &shared.handshake).await;
-    let (upstream, upstream_addr) = match connected {
-        Ok(c) => (c.stream, c.addr),
+    // Watched from before the connection, so a move while connecting is not missed.
+    let discovery = &shared.upstream.discovery;
+    let choice = discovery.moves().then(|| discovery.subscribe());
+    let connected = upstream::open(&shared.upstream, &current, &shared.handshake).await;
+    let (upstream, upstream_addr, target) = match connected {
+        Ok(c) => (c.stream, c.addr, c.target),
         Err(e) => {
-            refuse_unavailable(&mut client, metrics, &target, e).await;
+            refuse_unavailable(&mut client, metrics, &shared.upstream.discovery, e).await;
             return;
         }
     };
@@ -62,6 +69,7 @@ where
     metrics.upstream_ok();
     let handshake_ms = started.elapsed().as_millis() as u64;
 
+    let moves = choice.map(|choice| Moves::new(Arc::clone(discovery), choice, target));
     let ctx = Context {
         credentials,
         reauth_open_sessions: shared.reauth_open_sessions,
@@ -70,6 +78,7 @@ where
         downstream_password: shared.downstream_password.clone(),
         idle_timeout: shared.idle_timeout,
         metrics: Arc::clone(metrics),
+        moves,
     };
     let (result, traffic) = relay::run(client, upstream, &ctx, BytesMut::new()).await;
     metrics.relayed(traffic.from_client, traffic.to_client);
@@ -107,9 +116,9 @@ fn peer_vanished(
     shared.metrics.dead_peer(side);
     if side == "upstream" {
         tracing::warn!(upstream = %upstream, error = %error, "upstream vanished: no answer to retransmissions or keepalive probes");
-        // Seam for discovery (SRV, Sentinel, several backends; not built yet): a vanished
-        // upstream is a reason to re-check the target at once rather than at the next TTL or
-        // poll, so that the client's reconnect goes to the new one.
+        // A reason to look again at once rather than at the next TTL, poll or check, so
+        // that the client's reconnect goes to the new target.
+        shared.upstream.discovery.recheck();
     }
 }
 
@@ -117,7 +126,7 @@ fn peer_vanished(
 async fn refuse_unavailable<C>(
     client: &mut C,
     metrics: &Metrics,
-    target: &Target,
+    target: &Discovery,
     e: EstablishError,
 ) where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -127,6 +136,10 @@ async fn refuse_unavailable<C>(
         EstablishError::Handshake(HandshakeError::AuthRejected { .. })
     );
     match &e {
+        EstablishError::Discovery(_) => {
+            tracing::warn!(upstream = %target, error = %e, "upstream unavailable");
+            metrics.connect_failed("discovery");
+        }
         EstablishError::Connect(c) => {
             tracing::warn!(upstream = %target, reason = c.reason(), error = %e, "upstream unavailable");
             metrics.connect_failed(c.reason());

@@ -15,9 +15,10 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use crate::config::{Handshake, HostPort, Upstream};
+use crate::config::{Handshake, HostPort, Protocol, Upstream};
 use crate::credentials::Credentials;
-use crate::discovery::Target;
+use crate::dead_peer::DeadPeer;
+use crate::discovery::{Resolver, Target};
 use crate::handshake::{self, HandshakeError};
 use crate::tls::{self, Tls, TlsFailure};
 
@@ -146,16 +147,25 @@ fn reason(e: &io::Error) -> String {
     }
 }
 
+/// How to reach an address: the upstream's, or the sentinels' (their own TLS settings).
+pub struct Reach<'a> {
+    pub resolver: &'a Resolver,
+    pub tls: Option<&'a Tls>,
+    /// For the connection and the TLS handshake together.
+    pub timeout: Duration,
+    pub dead_peer: &'a DeadPeer,
+}
+
 /// Connects to the first address of `target` that accepts, then runs the TLS handshake if
-/// configured, all within `connect_timeout`.
+/// configured, all within the reach's timeout.
 pub async fn connect(
-    upstream: &Upstream,
+    reach: &Reach<'_>,
     target: &Target,
 ) -> Result<(Stream, SocketAddr), ConnectError> {
-    let limit = upstream.connect_timeout;
+    let limit = reach.timeout;
     let attempt = async {
-        let (tcp, addr) = connect_tcp(upstream, &target.address).await?;
-        let stream = match &upstream.tls {
+        let (tcp, addr) = connect_tcp(reach, &target.address).await?;
+        let stream = match reach.tls {
             None => Stream::Plain(tcp),
             Some(tls) => Stream::Tls(Box::new(handshake(tls, target, tcp, addr).await?)),
         };
@@ -174,11 +184,16 @@ pub async fn connect(
 pub struct Connected {
     pub stream: Stream,
     pub addr: SocketAddr,
+    /// The target it was made to, which a session watches for moves.
+    pub target: Target,
 }
 
-/// Why [`establish`] failed: the connection, or the handshake on it.
+/// Why [`establish`] failed: no target known, the connection, or the handshake on it.
 #[derive(Debug, Error)]
 pub enum EstablishError {
+    /// Discovery has no target (SRV or Sentinel never answered).
+    #[error("{0}")]
+    Discovery(String),
     #[error(transparent)]
     Connect(#[from] ConnectError),
     #[error(transparent)]
@@ -187,22 +202,68 @@ pub enum EstablishError {
 
 /// The one path from a target and the current credentials to an authenticated upstream
 /// connection: connect (and TLS) within `connect_timeout`, then the profile's handshake
-/// within `handshake_timeout`. Sessions, the probe and `--check` all come through here.
+/// within `handshake_timeout` (none in TCP mode). Sessions, the probe and `--check` all come through here.
 pub async fn establish(
     upstream: &Upstream,
     target: &Target,
     credentials: &Credentials,
     settings: &Handshake,
 ) -> Result<Connected, EstablishError> {
-    let (mut stream, addr) = connect(upstream, target).await?;
-    handshake::run(
+    let (mut stream, addr) = connect(&upstream.reach(), target).await?;
+    if upstream.protocol == Protocol::Tcp {
+        return Ok(Connected {
+            stream,
+            addr,
+            target: target.clone(),
+        });
+    }
+    let checked = handshake::run(
         &mut stream,
         credentials,
         settings,
+        target.confirm_master,
         upstream.handshake_timeout,
     )
-    .await?;
-    Ok(Connected { stream, addr })
+    .await;
+    if let Err(HandshakeError::NotMaster { .. }) = &checked {
+        upstream.discovery.recheck();
+    }
+    checked?;
+    Ok(Connected {
+        stream,
+        addr,
+        target: target.clone(),
+    })
+}
+
+/// [`establish`] to discovery's current candidates, best first, until one succeeds. Refused
+/// credentials end the search: every candidate would refuse them too.
+pub async fn open(
+    upstream: &Upstream,
+    credentials: &Credentials,
+    settings: &Handshake,
+) -> Result<Connected, EstablishError> {
+    let candidates = upstream
+        .discovery
+        .candidates(&upstream.resolver)
+        .await
+        .map_err(EstablishError::Discovery)?;
+    let mut last = EstablishError::Discovery("discovery found no target".to_owned());
+    for target in &candidates {
+        match establish(upstream, target, credentials, settings).await {
+            Ok(connected) => return Ok(connected),
+            Err(e @ EstablishError::Handshake(HandshakeError::AuthRejected { .. })) => {
+                return Err(e)
+            }
+            Err(e) => {
+                if candidates.len() > 1 {
+                    tracing::debug!(upstream = %target, error = %e, "candidate unavailable; trying the next");
+                }
+                last = e;
+            }
+        }
+    }
+    Err(last)
 }
 
 async fn handshake(
@@ -229,13 +290,13 @@ async fn handshake(
 }
 
 async fn connect_tcp(
-    upstream: &Upstream,
+    reach: &Reach<'_>,
     target: &HostPort,
 ) -> Result<(TcpStream, SocketAddr), ConnectError> {
     let address = target.to_string();
-    let dead_peer = &upstream.dead_peer;
+    let dead_peer = reach.dead_peer;
     let resolved =
-        upstream
+        reach
             .resolver
             .resolve(target)
             .await

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use config::{Environment, File, FileFormat, Value};
@@ -17,9 +18,10 @@ use serde::Deserialize;
 use crate::credentials::exec::{format_time, ExecSource};
 use crate::credentials::{Credentials, DownstreamPassword};
 use crate::dead_peer::DeadPeer;
-use crate::discovery::{Resolver, Target};
+use crate::discovery::{Discovery, Resolver};
 use crate::refresh::Schedule;
 use crate::tls::Tls;
+use crate::upstream::Reach;
 
 /// What `main` gathered from the process: the only inputs of [`Config::load`].
 #[derive(Debug, Clone, Default)]
@@ -64,6 +66,8 @@ pub struct Config {
 /// Where the upstream credentials come from (`credentials.source`).
 #[derive(Debug, Clone)]
 pub enum CredentialSource {
+    /// None needed: `listen.protocol = "tcp"` authenticates nothing.
+    None,
     /// This file, read again when it changes.
     File(PathBuf),
     /// What a command prints, run again before it expires.
@@ -98,6 +102,7 @@ pub struct Shutdown {
 #[derive(Debug)]
 pub struct Listen {
     pub address: ListenAddress,
+    pub protocol: Protocol,
     pub max_clients: usize,
     pub password: Option<DownstreamPassword>,
     /// Close a session idle (no byte either way) this long; off by default, because a
@@ -124,7 +129,10 @@ impl fmt::Display for ListenAddress {
 
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    pub address: HostPort,
+    /// Where the upstream is: the targets new connections go to, kept current.
+    pub discovery: Arc<Discovery>,
+    /// `listen.protocol`: Redis (AUTH, parsing) or plain TCP.
+    pub protocol: Protocol,
     /// The system resolver, or `upstream.dns_server`.
     pub resolver: Resolver,
     pub connect_timeout: Duration,
@@ -137,10 +145,25 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Where new connections go: the static address (discovery of other kinds comes here).
-    pub fn target(&self) -> Target {
-        Target::at(self.address.clone())
+    /// How to reach a target: this resolver, TLS and timeout.
+    pub fn reach(&self) -> Reach<'_> {
+        Reach {
+            resolver: &self.resolver,
+            tls: self.tls.as_ref(),
+            timeout: self.connect_timeout,
+            dead_peer: &self.dead_peer,
+        }
     }
+}
+
+/// `listen.protocol`: what the ambassador speaks with its clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    /// Redis: the ambassador authenticates, and parses both directions.
+    #[default]
+    Redis,
+    /// A plain TCP forwarder (the pattern's `api` ambassador): no AUTH, no parsing.
+    Tcp,
 }
 
 /// What the profile expects of its upstream, so a pod with the wrong environment's secret or
@@ -244,6 +267,7 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
+mod discovery;
 mod raw;
 mod validate;
 
@@ -313,12 +337,13 @@ impl Config {
             self.profile,
             self.listen.address,
             self.listen.max_clients,
-            self.upstream.address,
+            self.upstream.discovery,
             self.upstream.resolver,
             self.upstream.connect_timeout,
             self.upstream.handshake_timeout,
             self.credentials.username(),
             match &self.credentials_source {
+                CredentialSource::None => "nowhere (TCP mode)".to_owned(),
                 CredentialSource::File(path) => format!("file {}", path.display()),
                 CredentialSource::Exec { source, .. } =>
                     format!("command {:?}", source.command[0]),
@@ -330,6 +355,9 @@ impl Config {
                 "\ncredentials expire: {}",
                 expires.as_deref().unwrap_or("never (no expires_at)")
             ));
+        }
+        if self.listen.protocol == Protocol::Tcp {
+            s.push_str("\nprotocol: tcp (no AUTH, no parsing)");
         }
         if let Some(tls) = &self.upstream.tls {
             s.push_str(&format!("\n{}", tls.summary()));

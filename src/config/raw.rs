@@ -28,6 +28,7 @@ pub(super) struct Raw {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawListen {
     pub(super) address: Option<String>,
+    pub(super) protocol: Option<String>,
     pub(super) max_clients: Option<i64>,
     pub(super) require_password_file: Option<PathBuf>,
     #[serde(with = "humantime_serde")]
@@ -41,7 +42,18 @@ pub(super) struct RawListen {
 pub(super) struct RawUpstream {
     pub(super) address: Option<String>,
     pub(super) srv: Option<String>,
+    #[serde(with = "humantime_serde")]
+    pub(super) srv_ttl_min: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub(super) srv_ttl_max: Option<Duration>,
     pub(super) sentinel: Option<RawSentinel>,
+    pub(super) addresses: Option<Vec<String>>,
+    pub(super) strategy: Option<String>,
+    #[serde(with = "humantime_serde")]
+    pub(super) health_interval: Option<Duration>,
+    pub(super) move_open_sessions: Option<String>,
+    #[serde(with = "humantime_serde")]
+    pub(super) move_grace: Option<Duration>,
     pub(super) dns_server: Option<String>,
     #[serde(with = "humantime_serde")]
     pub(super) connect_timeout: Option<Duration>,
@@ -60,6 +72,10 @@ pub(super) struct RawUpstream {
 pub(super) struct RawSentinel {
     pub(super) addresses: Vec<String>,
     pub(super) master: Option<String>,
+    pub(super) credentials_file: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    pub(super) poll_interval: Option<Duration>,
+    pub(super) tls: Option<RawTls>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -8,14 +8,15 @@ use std::time::Duration;
 use super::raw::{Raw, RawAdmin, RawCredentials, RawHandshake, RawListen, RawUpstream};
 use super::{
     Admin, Config, ConfigErrors, CredentialSource, Handshake, HostPort, Listen, ListenAddress,
-    LogFormat, Shutdown, Upstream,
+    LogFormat, Protocol, Shutdown, Upstream,
 };
 use crate::credentials::exec::ExecSource;
 use crate::credentials::{Credentials, DownstreamPassword};
 use crate::dead_peer::DeadPeer;
-use crate::discovery::Resolver;
+use crate::discovery::{Discovery, Resolver};
 use crate::refresh::Schedule;
 use crate::tls::Tls;
+use std::sync::Arc;
 
 pub(super) fn validate(
     raw: Raw,
@@ -25,8 +26,18 @@ pub(super) fn validate(
 ) -> Result<Config, ConfigErrors> {
     let e = &mut errors;
     let listen = listen(raw.listen, e);
-    let upstream = upstream(raw.upstream, e);
-    let credentials = credentials(&raw.credentials, skip_command, e);
+    let mut upstream = upstream(raw.upstream, e);
+    let protocol = listen.as_ref().map(|l| l.protocol).unwrap_or_default();
+    if let Some(u) = upstream.as_mut() {
+        u.protocol = protocol;
+    }
+    let no_credentials = raw.credentials.source.is_none() && raw.credentials.file.is_none();
+    let credentials = if protocol == Protocol::Tcp && no_credentials {
+        // A TCP ambassador authenticates nothing: no credentials needed.
+        Some((CredentialSource::None, Credentials::none()))
+    } else {
+        credentials(&raw.credentials, skip_command, e)
+    };
     let handshake = handshake(raw.handshake, e);
     let max_session_age = match raw.credentials.max_session_age {
         Some(d) if d < Duration::from_secs(1) => {
@@ -97,6 +108,17 @@ fn listen(raw: RawListen, errors: &mut ConfigErrors) -> Option<Listen> {
             })
             .ok(),
     };
+    let protocol = match raw.protocol.as_deref() {
+        None | Some("redis") => Protocol::Redis,
+        Some("tcp") => Protocol::Tcp,
+        Some(other) => {
+            errors.add(
+                "listen.protocol",
+                format!("expected \"redis\" or \"tcp\", got {other:?}"),
+            );
+            Protocol::Redis
+        }
+    };
     let max_clients = match raw.max_clients.unwrap_or(10_000) {
         n if n >= 1 => n as usize,
         n => {
@@ -114,6 +136,7 @@ fn listen(raw: RawListen, errors: &mut ConfigErrors) -> Option<Listen> {
     let keepalive = keepalive(errors, "listen.keepalive", raw.keepalive);
     Some(Listen {
         address: address?,
+        protocol,
         max_clients,
         password,
         idle_timeout,
@@ -121,24 +144,12 @@ fn listen(raw: RawListen, errors: &mut ConfigErrors) -> Option<Listen> {
     })
 }
 
-fn upstream(raw: RawUpstream, errors: &mut ConfigErrors) -> Option<Upstream> {
-    let address = match raw.address.as_deref() {
-        Some(a) => a
-            .parse::<HostPort>()
+fn upstream(mut raw: RawUpstream, errors: &mut ConfigErrors) -> Option<Upstream> {
+    let address = raw.address.as_deref().and_then(|a| {
+        a.parse::<HostPort>()
             .map_err(|e| errors.add("upstream.address", e))
-            .ok(),
-        None => {
-            errors.add("upstream.address", "missing");
-            None
-        }
-    };
-    let not_yet = "not supported by this version; use upstream.address";
-    if raw.srv.is_some() {
-        errors.add("upstream.srv", not_yet);
-    }
-    if raw.sentinel.is_some() {
-        errors.add("upstream.sentinel", not_yet);
-    }
+            .ok()
+    });
     let resolver = match raw.dns_server.as_deref().map(str::parse::<SocketAddr>) {
         None => Some(Resolver::System),
         Some(Ok(server)) => Resolver::server(server)
@@ -152,16 +163,20 @@ fn upstream(raw: RawUpstream, errors: &mut ConfigErrors) -> Option<Upstream> {
             None
         }
     };
-    let tls = raw.tls.filter(|t| t.enabled.unwrap_or(true)).and_then(|t| {
-        let host = address.as_ref().map(|a| a.host.as_str());
-        Tls::build(&t.into(), host)
-            .map_err(|problems| {
-                for p in problems {
-                    errors.add(p.key(), p.to_string());
-                }
-            })
-            .ok()
-    });
+    let tls = raw
+        .tls
+        .take()
+        .filter(|t| t.enabled.unwrap_or(true))
+        .and_then(|t| {
+            let host = address.as_ref().map(|a| a.host.as_str());
+            Tls::build(&t.into(), host)
+                .map_err(|problems| {
+                    for p in problems {
+                        errors.add(p.key(), p.to_string());
+                    }
+                })
+                .ok()
+        });
     let connect_timeout = positive(errors, "upstream.connect_timeout", raw.connect_timeout, 3);
     let handshake_timeout = positive(
         errors,
@@ -173,13 +188,41 @@ fn upstream(raw: RawUpstream, errors: &mut ConfigErrors) -> Option<Upstream> {
         raw.dead_peer_timeout.unwrap_or(Duration::from_secs(15)),
         keepalive(errors, "upstream.keepalive", raw.keepalive),
     );
+    let kinds = [
+        raw.address.is_some(),
+        raw.srv.is_some(),
+        raw.sentinel.is_some(),
+        raw.addresses.is_some(),
+    ];
+    let source = match kinds.iter().filter(|k| **k).count() {
+        0 => {
+            errors.add(
+                "upstream.address",
+                "missing (or one of upstream.srv, upstream.sentinel, upstream.addresses)",
+            );
+            None
+        }
+        1 => {
+            let reach = (resolver.clone()?, connect_timeout, dead_peer);
+            super::discovery::source(&mut raw, address, reach, errors)
+        }
+        _ => {
+            errors.add(
+                "upstream",
+                "give only one of address, srv, sentinel, addresses",
+            );
+            None
+        }
+    };
+    let policy = super::discovery::policy(&raw, errors);
     Some(Upstream {
-        address: address?,
+        discovery: Arc::new(Discovery::new(source?, policy)),
+        protocol: Protocol::default(),
         resolver: resolver?,
         connect_timeout,
         handshake_timeout,
         dead_peer,
-        expect: raw.expect.unwrap_or_default(),
+        expect: raw.expect.take().unwrap_or_default(),
         tls,
     })
 }

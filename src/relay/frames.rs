@@ -40,6 +40,9 @@ pub(super) struct Mode {
     pub maybe_subscribed: bool,
     /// Confirmations came as pushes: RESP3, where no array is out of band.
     resp3: bool,
+    /// Subscriptions as the last RESP3 confirmation push counted them (only for
+    /// [`Mode::quiet`]: RESP3 classification needs no count).
+    pushed_subscriptions: i64,
 }
 
 impl Mode {
@@ -57,6 +60,12 @@ impl Mode {
     /// which replies with an array named like a message or a confirmation; a MONITOR client
     /// may not touch the keyspace (no script can return a status), and no command's status
     /// reply starts with a digit as the feed's timestamps do.
+    /// Nothing arrives unasked: not subscribed, not monitoring, replies counted. Closing
+    /// the session here loses the client nothing (a move, [`super::Rest`]).
+    pub(super) fn quiet(&self) -> bool {
+        !self.untracked && !self.monitoring && !self.subscribed() && self.pushed_subscriptions <= 0
+    }
+
     pub(super) fn classify(&mut self, f: &Frame, awaiting: Option<&[u8]>) -> Class {
         if self.untracked {
             return Class::Reply;
@@ -67,6 +76,7 @@ impl Mode {
         if f.push {
             self.resp3 = true;
             return if confirmation {
+                self.pushed_subscriptions = f.third.unwrap_or_default();
                 Class::Confirmation
             } else {
                 Class::OutOfBand

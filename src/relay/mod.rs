@@ -17,8 +17,12 @@
 //! client has already sent and the upstream has not yet answered.
 
 mod frames;
+mod moves;
 mod replies;
 mod requests;
+
+pub use moves::Moves;
+use moves::Rest;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -57,6 +61,9 @@ pub struct Context {
     pub downstream_password: Option<Arc<DownstreamPassword>>,
     pub idle_timeout: Option<Duration>,
     pub metrics: Arc<Metrics>,
+    /// Discovery's view of this session's upstream: when it is no longer the target, the
+    /// session ends at an idle point. `None`: the upstream never moves.
+    pub moves: Option<Moves>,
 }
 
 /// Why a session ended, for the closing log line.
@@ -74,6 +81,17 @@ pub enum Close {
     ReauthFailed,
     /// Nothing moved either way for `listen.idle_timeout`.
     Idle,
+    /// The upstream is no longer the target: closed at an idle point.
+    Moved,
+    /// The upstream is no longer the target, and the session was still busy at the end of
+    /// `upstream.move_grace`.
+    MovedBusy,
+    /// A failover demoted the upstream: nothing more was forwarded to it, the replies due
+    /// were relayed, then the session closed.
+    FailedOver,
+    /// The master answered `-READONLY`: it was demoted. The reply was not relayed; the
+    /// client reconnects to the new master.
+    ReadOnly,
 }
 
 #[derive(Debug, Error)]
@@ -169,6 +187,8 @@ struct Expectations {
     /// Local replies pushed and not yet written; the client side waits on `room` when full.
     locals: AtomicUsize,
     room: Notify,
+    /// Where each side stands between two reads, for a move ([`moves`]).
+    rest: Rest,
 }
 
 impl Expectations {
@@ -287,8 +307,11 @@ where
             None => std::future::pending().await,
         }
     };
-    tokio::pin!(requests, replies, idle);
+    let moving = moves::moved(ctx.moves.as_ref(), &expectations);
+    tokio::pin!(requests, replies, idle, moving);
     let result = tokio::select! {
+        // The mover last: when it looks, both sides have just found nothing to read.
+        biased;
         r = &mut replies => {
             // The client side may be draining the client's input after an error: let the
             // client read what it was sent before its socket closes.
@@ -311,7 +334,17 @@ where
             Err(e) => Err(e),
         },
         _ = &mut idle => Ok(Close::Idle),
+        how = &mut moving => match how {
+            moves::Moved::Halt => {
+                // Failover: the client is no longer read; the replies it is owed come.
+                moves::finish(&mut replies, &expectations).await
+            }
+            moves::Moved::Now(close) => Ok(close),
+        },
     };
+    if let (Ok(close), Some(m)) = (&result, &ctx.moves) {
+        m.closed(*close, &ctx.metrics);
+    }
     let traffic = Traffic {
         from_client: from_client.load(Ordering::Relaxed),
         to_client: to_client.load(Ordering::Relaxed),

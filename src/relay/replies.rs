@@ -9,6 +9,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::frames::{Class, Mode};
+use super::Moves;
 use super::{
     io_err, Activity, Close, Context, Expect, Expectations, RelayError, AUTH_FAILED, CHUNK,
 };
@@ -40,6 +41,9 @@ pub(super) struct ReplyPump<'t, R, W> {
     ctx: &'t Context,
     written: &'t AtomicU64,
     activity: &'t Activity,
+    /// Where the top-level error reply being read began in this chunk, when `-READONLY`
+    /// must be caught ([`Moves::guards_master`](super::Moves)).
+    error_at: Option<usize>,
 }
 
 /// What the queue's head asks for once the replies before it have been relayed.
@@ -73,6 +77,7 @@ where
             ctx,
             written,
             activity,
+            error_at: None,
         }
     }
 
@@ -90,6 +95,10 @@ where
                 Head::Close(c) => return Ok(c),
                 Head::Opaque => return self.opaque(&[]).await,
             }
+            self.expectations.rest.replies(
+                self.queue.is_empty() && self.swallow.is_none() && self.framer.at_boundary(),
+                self.mode.quiet(),
+            );
             chunk.clear();
             chunk.reserve(CHUNK);
             tokio::select! {
@@ -185,6 +194,9 @@ where
     /// Relays one chunk from the upstream, acting at reply boundaries.
     async fn relay_chunk(&mut self, chunk: &[u8]) -> Result<Option<Close>, RelayError> {
         let mut p = 0;
+        // An error reply split over two reads has been partly relayed: only one whole in a
+        // read is caught (Redis writes an error line in one piece).
+        self.error_at = None;
         // Start of the bytes not yet written (or skipped) to the client.
         let mut pass_from = 0;
         while p < chunk.len() {
@@ -193,6 +205,7 @@ where
             match boundary {
                 None => {}
                 Some(Boundary::Start { at, kind }) => {
+                    self.error_at = (kind == b'-' && self.guards_master()).then_some(at);
                     // Pushes are never the answer to our own commands.
                     if let Some(s) = self.swallow.as_mut().filter(|_| kind != b'>') {
                         s.in_frame = true;
@@ -201,6 +214,17 @@ where
                     }
                 }
                 Some(Boundary::End { at, frame }) => {
+                    if let Some(start) = self.error_at.take() {
+                        if frame.head.as_bytes().starts_with(b"-READONLY") {
+                            // A demoted master: the client must not see it; its reconnect
+                            // goes to the new master, which discovery looks up now.
+                            self.send(&chunk[pass_from..start]).await?;
+                            if let Some(m) = &self.ctx.moves {
+                                m.demoted();
+                            }
+                            return Ok(Some(Close::ReadOnly));
+                        }
+                    }
                     if self.swallowing_frame() {
                         pass_from = at;
                         if let Some(close) = self.swallowed(&frame).await? {
@@ -225,6 +249,11 @@ where
             self.send(&chunk[pass_from..]).await?;
         }
         Ok(None)
+    }
+
+    /// A session on Sentinel's master, outside the ambassador's own commands.
+    fn guards_master(&self) -> bool {
+        self.swallow.is_none() && self.ctx.moves.as_ref().is_some_and(Moves::guards_master)
     }
 
     fn swallowing_frame(&self) -> bool {

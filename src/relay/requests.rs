@@ -9,7 +9,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{drain, io_err, Activity, Close, Context, Expect, Expectations, RelayError, CHUNK};
+use super::{
+    drain, io_err, Activity, Close, Context, Expect, Expectations, RelayError, CHUNK,
+};
 use crate::credentials::{Arg, Credentials, SecretBytes, HELLO_AUTH};
 use crate::filter::{self, Action, Filter, HelloPart, Replies};
 use crate::handshake;
@@ -122,6 +124,10 @@ where
             }
             self.reauthenticate_if_due().await?;
             self.expectations.room().await;
+            let whole = self.buf.is_empty() && !self.mid_stream;
+            self.expectations
+                .rest
+                .requests(whole, whole && self.tracked && !self.filter.in_multi);
             self.buf.reserve(CHUNK);
             let watching = self.ctx.reauth_open_sessions && !self.reauth_due;
             let aging = self.reauth_at.filter(|_| !self.reauth_due);
