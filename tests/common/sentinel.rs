@@ -13,8 +13,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use redis_protocol::resp3::types::OwnedFrame;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use super::*;
 
@@ -27,8 +25,6 @@ pub const SENTINEL_DEADLINE: Duration = Duration::from_secs(20);
 const DOWN_AFTER_MS: u32 = 2000;
 /// Also how long a sentinel waits before retrying a failover it lost (twice this).
 const FAILOVER_TIMEOUT_MS: u32 = 5000;
-/// The limit on one query: a connect, an AUTH and one command.
-const QUERY_LIMIT: Duration = Duration::from_secs(2);
 /// The interval between two polls of a condition; not synchronisation.
 const POLL: Duration = Duration::from_millis(50);
 
@@ -272,31 +268,6 @@ impl SentinelSet {
     }
 }
 
-/// Waits until `addr` answers ROLE as a replica of `master` whose link is up.
-async fn wait_replica_link(auth: &ServerAuth, addr: &str, master: &str, deadline: Instant) {
-    let (host, port) = master.rsplit_once(':').expect("host:port");
-    let want = ["slave", host, port, "connected"];
-    loop {
-        let role = role(auth, addr).await;
-        if role.len() >= 4 && role[..4] == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{addr} never became a connected replica of {master}: ROLE {role:?}"
-        );
-        tokio::time::sleep(POLL).await;
-    }
-}
-
-/// What ROLE answers on `addr`, as text (empty if it cannot be asked).
-pub async fn role(auth: &ServerAuth, addr: &str) -> Vec<String> {
-    match query(addr, Some(&auth.auth_command()), &["ROLE"]).await {
-        Some(OwnedFrame::Array { data, .. }) => data.iter().filter_map(text).collect(),
-        _ => Vec::new(),
-    }
-}
-
 /// The arguments that let a server replicate from another with `auth`: the replica at start,
 /// and either server once Sentinel makes it a replica.
 fn replication_args(auth: &ServerAuth) -> Vec<String> {
@@ -412,36 +383,6 @@ fn config_text(
         text.push_str(&format!("requirepass {p}\n"));
     }
     text
-}
-
-/// Connects to `addr`, sends `auth` (if any) and `args`, and returns the command's reply;
-/// `None` if anything fails or takes longer than [`QUERY_LIMIT`]: for polling, where a
-/// server that is down or busy is an answer, not a failure.
-pub async fn query(addr: &str, auth: Option<&[u8]>, args: &[&str]) -> Option<OwnedFrame> {
-    let ask = async {
-        let mut raw = Raw {
-            stream: TcpStream::connect(addr).await.ok()?,
-            buf: Vec::new(),
-        };
-        let mut request = auth.map(<[u8]>::to_vec).unwrap_or_default();
-        request.extend(command(args));
-        raw.stream.write_all(&request).await.ok()?;
-        if auth.is_some() && raw.try_reply().await? != simple("OK") {
-            return None;
-        }
-        raw.try_reply().await
-    };
-    tokio::time::timeout(QUERY_LIMIT, ask).await.ok().flatten()
-}
-
-fn text(frame: &OwnedFrame) -> Option<String> {
-    match frame {
-        OwnedFrame::BlobString { data, .. } | OwnedFrame::SimpleString { data, .. } => {
-            Some(String::from_utf8_lossy(data).into_owned())
-        }
-        OwnedFrame::Number { data, .. } => Some(data.to_string()),
-        _ => None,
-    }
 }
 
 /// `host:port` from GET-MASTER-ADDR-BY-NAME's `[host, port]`.
