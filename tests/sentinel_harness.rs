@@ -20,7 +20,7 @@ async fn write_replicated(raw: &mut Raw, key: &str, value: &str) {
 }
 
 #[tokio::test]
-async fn a_commanded_failover_promotes_the_replica_and_demotes_the_old_master() {
+async fn a_commanded_failover_promotes_the_replica_demotes_the_old_master_and_can_go_back() {
     let started = Instant::now();
     let set = SentinelSet::start(ServerAuth::app(), Some("sentinel-pass-3c1")).await;
     let settled = started.elapsed();
@@ -51,6 +51,11 @@ async fn a_commanded_failover_promotes_the_replica_and_demotes_the_old_master() 
         "the demoted master refuses writes: {refused:?}"
     );
     eprintln!("settled in {settled:?}, failed over in {failed_over:?}, old master demoted after {demoted_after:?}");
+
+    // Once demoted and in sync, it can be failed back to.
+    let back_at = Instant::now();
+    assert_eq!(set.failover().await, old);
+    eprintln!("failed back in {:?}", back_at.elapsed());
 }
 
 #[tokio::test]
