@@ -13,10 +13,13 @@ mod netns;
 mod process;
 mod raw;
 mod redis;
+mod sentinel;
 
 // Each test binary uses part of the harness.
 #[allow(unused_imports)]
-pub use {ambassador::*, binary::*, dns::*, fake::*, netns::*, process::*, raw::*, redis::*};
+pub use {
+    ambassador::*, binary::*, dns::*, fake::*, netns::*, process::*, raw::*, redis::*, sentinel::*,
+};
 
 pub use pki::ServerTls;
 

@@ -1,6 +1,6 @@
 //! A raw RESP connection with a deadline on every read, and shorthands for frames.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use redis_protocol::resp3::decode::complete::decode as decode3;
 use redis_protocol::resp3::types::OwnedFrame;
@@ -204,5 +204,39 @@ pub async fn monitor_until(monitor: &mut Raw, marker: &str) -> Vec<String> {
         if done {
             return seen;
         }
+    }
+}
+
+/// The limit on one [`query`]: a connect, an AUTH and one command.
+pub const QUERY_LIMIT: Duration = Duration::from_secs(2);
+
+/// Connects to `addr`, sends `auth` (if any) and `args`, and returns the command's reply;
+/// `None` if anything fails or takes longer than [`QUERY_LIMIT`]: for polling, where a
+/// server that is down or busy is an answer, not a failure.
+pub async fn query(addr: &str, auth: Option<&[u8]>, args: &[&str]) -> Option<OwnedFrame> {
+    let ask = async {
+        let mut raw = Raw {
+            stream: TcpStream::connect(addr).await.ok()?,
+            buf: Vec::new(),
+        };
+        let mut request = auth.map(<[u8]>::to_vec).unwrap_or_default();
+        request.extend(command(args));
+        raw.stream.write_all(&request).await.ok()?;
+        if auth.is_some() && raw.try_reply().await? != simple("OK") {
+            return None;
+        }
+        raw.try_reply().await
+    };
+    tokio::time::timeout(QUERY_LIMIT, ask).await.ok().flatten()
+}
+
+/// A string, bulk string or number as text.
+pub fn text(frame: &OwnedFrame) -> Option<String> {
+    match frame {
+        OwnedFrame::BlobString { data, .. } | OwnedFrame::SimpleString { data, .. } => {
+            Some(String::from_utf8_lossy(data).into_owned())
+        }
+        OwnedFrame::Number { data, .. } => Some(data.to_string()),
+        _ => None,
     }
 }

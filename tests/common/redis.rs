@@ -261,3 +261,29 @@ impl Drop for RedisServer {
         let _ = self.child.wait();
     }
 }
+
+/// Waits until `addr` answers ROLE as a replica of `master` whose link is up, failing at
+/// `deadline`.
+pub async fn wait_replica_link(auth: &ServerAuth, addr: &str, master: &str, deadline: Instant) {
+    let (host, port) = master.rsplit_once(':').expect("host:port");
+    let want = ["slave", host, port, "connected"];
+    loop {
+        let role = role(auth, addr).await;
+        if role.len() >= 4 && role[..4] == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{addr} never became a connected replica of {master}: ROLE {role:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await; // polling interval
+    }
+}
+
+/// What ROLE answers on `addr`, as text (empty if it cannot be asked).
+pub async fn role(auth: &ServerAuth, addr: &str) -> Vec<String> {
+    match query(addr, Some(&auth.auth_command()), &["ROLE"]).await {
+        Some(OwnedFrame::Array { data, .. }) => data.iter().filter_map(text).collect(),
+        _ => Vec::new(),
+    }
+}
