@@ -37,6 +37,38 @@ impl Raw {
         }
     }
 
+    /// A client on a connection made elsewhere (one that may fail without panicking).
+    pub fn from_stream(stream: TcpStream) -> Raw {
+        let _ = stream.set_nodelay(true);
+        Raw {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Sends `bytes`; false if the connection is gone.
+    pub async fn try_send(&mut self, bytes: &[u8]) -> bool {
+        self.stream.write_all(bytes).await.is_ok()
+    }
+
+    /// The next frame within `limit`; `None` if the connection closed, failed or stayed
+    /// silent.
+    pub async fn try_reply_within(&mut self, limit: Duration) -> Option<OwnedFrame> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some((frame, used)) = decode_any(&self.buf) {
+                self.buf.drain(..used);
+                return Some(frame);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut chunk = vec![0u8; 64 * 1024];
+            match tokio::time::timeout(left, self.stream.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => self.buf.extend_from_slice(&chunk[..n]),
+                _ => return None,
+            }
+        }
+    }
+
     pub async fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.expect("send");
     }
