@@ -168,8 +168,10 @@ async fn writes_resume_on_the_new_master_after_a_commanded_failover() {
 
     let new = set.failover().await;
     let agreed = Instant::now();
+    // The new master holds every write replicated before the failover: wait for more.
+    let before = logged(&set, &new).await.len();
     wait_until("writes after the failover", DEADLINE, || async {
-        logged(&set, &new).await.len() > 20
+        logged(&set, &new).await.len() > before + 20
     })
     .await;
     let log = writer.finish().await;
@@ -196,8 +198,10 @@ async fn writes_resume_on_the_new_master_after_the_master_dies() {
     set.wait_master(&new, Instant::now() + SENTINEL_DEADLINE)
         .await;
     let agreed = Instant::now();
+    // The new master holds every write replicated before the failover: wait for more.
+    let before = logged(&set, &new).await.len();
     wait_until("writes after the failover", DEADLINE, || async {
-        logged(&set, &new).await.len() > 20
+        logged(&set, &new).await.len() > before + 20
     })
     .await;
     let log = writer.finish().await;
