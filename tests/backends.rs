@@ -175,3 +175,47 @@ async fn tcp_mode_balances_an_http_service_over_two_backends() {
     }
     amb.stop().await;
 }
+
+#[tokio::test]
+async fn tcp_mode_speaks_tls_to_the_backends_and_leaves_the_bytes_alone() {
+    let pki = common::pki::Pki::new();
+    let tls = common::pki::ServerTls::new(&pki);
+    let server = RedisServer::start_tls(ServerAuth::app(), &tls);
+    let dir = tempfile::tempdir().unwrap();
+    let profile = format!(
+        "[listen]\naddress = \"127.0.0.1:0\"\nprotocol = \"tcp\"\n[upstream]\naddresses = [\"{}\"]\n[upstream.tls]\nca_file = \"{}\"\n{NO_PROBES}",
+        server.tls_addr("localhost"),
+        pki.ca.display()
+    );
+    let amb = Ambassador::with_config(load_config(dir.path(), &profile), dir).await;
+    let mut client = amb.connect().await;
+    // No AUTH of the ambassador's own: the client's is the first command Redis sees.
+    assert!(error_text(&client.cmd(&["PING"]).await).starts_with("NOAUTH"));
+    assert_eq!(client.cmd(&["AUTH", USER, PASSWORD]).await, simple("OK"));
+    assert_eq!(client.cmd(&["PING"]).await, simple("PONG"));
+    drop(client);
+    amb.stop().await;
+}
+
+#[test]
+fn tcp_mode_refuses_the_redis_only_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pw"), "x\n").unwrap();
+    let profile = format!(
+        "[listen]\naddress = \"127.0.0.1:0\"\nprotocol = \"tcp\"\nrequire_password_file = \"{}\"\n[upstream]\naddresses = [\"127.0.0.1:1\"]\n[upstream.expect]\nuser = \"app\"\n[handshake]\ndatabase = 2\n",
+        dir.path().join("pw").display()
+    );
+    let errors = try_load_config(dir.path(), &profile)
+        .unwrap_err()
+        .to_string();
+    for key in [
+        "listen.require_password_file",
+        "upstream.expect",
+        "handshake",
+    ] {
+        assert!(
+            errors.contains(&format!("{key}: not with listen.protocol = \"tcp\"")),
+            "{errors}"
+        );
+    }
+}

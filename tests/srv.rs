@@ -261,3 +261,53 @@ fn discovery_keys_are_checked_by_key() {
         "{sentinel}"
     );
 }
+
+#[tokio::test]
+async fn a_subscribed_session_stays_until_the_grace_runs_out() {
+    let pair = Pair::start().await;
+    let mut dns = Dns::start_srv(&Pair::hosts(), &[pair.record("a.test", 0)]);
+    dns.wait_srv(NAME, "a.test", pair.a.port).await;
+    let dir = tempfile::tempdir().unwrap();
+    let profile = profile(&pair.a, &dns, NAME, dir.path(), "move_grace = \"3s\"");
+    let amb = Ambassador::with_config(load_config(dir.path(), &profile), dir).await;
+    let mut subscriber = amb.connect().await;
+    subscriber.send(&command(&["SUBSCRIBE", "news"])).await;
+    let confirmation = subscriber.reply().await;
+    assert!(
+        matches!(confirmation, OwnedFrame::Array { .. }),
+        "{confirmation:?}"
+    );
+
+    dns.set_srv(&[pair.record("b.test", 0)]);
+    wait_target(&amb, &format!("b.test:{}", pair.a.port)).await;
+    let moved_at = std::time::Instant::now();
+    // Not an idle point: messages still arrive...
+    pair.a
+        .direct()
+        .await
+        .cmd(&["PUBLISH", "news", "still-here"])
+        .await;
+    assert_eq!(
+        subscriber.reply().await,
+        OwnedFrame::Array {
+            data: vec![bulk(b"message"), bulk(b"news"), bulk(b"still-here")],
+            attributes: None
+        }
+    );
+    // ... until the grace runs out.
+    assert_eq!(subscriber.read_to_close().await, b"");
+    let waited = moved_at.elapsed();
+    assert!(waited > std::time::Duration::from_secs(2), "{waited:?}");
+    drop(subscriber);
+    wait_until(
+        "counted as closed at the end of the grace",
+        DEADLINE,
+        || async {
+            amb.metric("ambassador_sessions_moved_total", ("how", "grace"))
+                .await
+                == Some(1.0)
+        },
+    )
+    .await;
+    amb.stop().await;
+}

@@ -31,6 +31,19 @@ pub(super) fn validate(
     if let Some(u) = upstream.as_mut() {
         u.protocol = protocol;
     }
+    if protocol == Protocol::Tcp {
+        // A TCP ambassador neither parses nor authenticates: these would silently do nothing.
+        let tcp_mode = "not with listen.protocol = \"tcp\"";
+        if listen.as_ref().is_some_and(|l| l.password.is_some()) {
+            e.add("listen.require_password_file", tcp_mode);
+        }
+        if upstream.as_ref().is_some_and(|u| !u.expect.is_empty()) {
+            e.add("upstream.expect", tcp_mode);
+        }
+        if raw.handshake.client_name.is_some() || raw.handshake.database.is_some() {
+            e.add("handshake", tcp_mode);
+        }
+    }
     let no_credentials = raw.credentials.source.is_none() && raw.credentials.file.is_none();
     let credentials = if protocol == Protocol::Tcp && no_credentials {
         // A TCP ambassador authenticates nothing: no credentials needed.

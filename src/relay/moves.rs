@@ -96,7 +96,6 @@ impl Rest {
         self.replies_owed_none.store(owed_none, Ordering::Relaxed);
         self.replies_quiet.store(quiet, Ordering::Relaxed);
     }
-
 }
 
 impl Expectations {
@@ -122,10 +121,7 @@ pub(super) enum Moved {
 }
 
 /// Completes when the session must end because its target moved; never without `moves`.
-pub(super) async fn moved(
-    moves: Option<&Moves>,
-    expectations: &Expectations,
-) -> Moved {
+pub(super) async fn moved(moves: Option<&Moves>, expectations: &Expectations) -> Moved {
     let Some(moves) = moves else {
         return std::future::pending().await;
     };

@@ -9,9 +9,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{
-    drain, io_err, Activity, Close, Context, Expect, Expectations, RelayError, CHUNK,
-};
+use super::{drain, io_err, Activity, Close, Context, Expect, Expectations, RelayError, CHUNK};
 use crate::credentials::{Arg, Credentials, SecretBytes, HELLO_AUTH};
 use crate::filter::{self, Action, Filter, HelloPart, Replies};
 use crate::handshake;
