@@ -5,12 +5,15 @@
 //!
 //! 1. [`listener`]: accept (TCP or unix socket), enforce `max_clients`, spawn a session.
 //! 2. [`session`]: connect upstream, handshake, relay, log one closing line.
-//! 3. [`discovery`]: the target, its host resolved anew for every connection.
+//! 3. [`discovery`]: the targets new connections go to (a static address, DNS SRV, the
+//!    master Sentinel names, several health-checked backends), kept current by a task of
+//!    its own; a session whose target is no longer chosen ends at an idle point.
 //! 4. [`upstream`]: [`upstream::establish`], the one path from a target and the current
 //!    credentials to an authenticated connection: connect (TCP, then TLS with the config
 //!    [`tls`] built at start and rebuilt when its files change) within `connect_timeout`,
 //!    then [`handshake`], the ambassador's own AUTH / CLIENT SETNAME / SELECT, within a limit.
 //! 5. [`relay`]: both directions; client commands framed by [`resp`] and judged by [`filter`].
+//!    In TCP mode (`listen.protocol = "tcp"`) bytes are copied unparsed instead.
 //!
 //! Around them: [`config`] (layers -> validated `Config`), [`credentials`] (the credential
 //! file or command, and the only place a secret is looked at), [`rotation`] (reloading the

@@ -135,25 +135,10 @@ impl Sentinel {
         discovery: &Discovery,
         stop: &CancellationToken,
     ) {
-        let subscribe = command(&["SUBSCRIBE", "+switch-master"]);
         loop {
-            let watching = async {
-                let mut stream: Stream = self.connect(address).await?;
-                self.exchange(&mut stream, &subscribe).await?;
-                let mut buf = Vec::new();
-                loop {
-                    handshake::read_frame(&mut stream, &mut buf)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    tracing::info!(sentinel = %address, "sentinel announced +switch-master");
-                    discovery.recheck();
-                }
-                #[allow(unreachable_code)]
-                Ok::<(), String>(())
-            };
             tokio::select! {
                 _ = stop.cancelled() => return,
-                Err(e) = watching => {
+                e = self.switches(address, discovery) => {
                     tracing::debug!(sentinel = %address, error = %e, "sentinel subscription ended");
                 }
             }
@@ -161,6 +146,26 @@ impl Sentinel {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(self.poll_interval) => {}
             }
+        }
+    }
+
+    /// One subscription to `+switch-master`, until its connection fails: returns why.
+    async fn switches(&self, address: &HostPort, discovery: &Discovery) -> String {
+        let mut stream = match self.connect(address).await {
+            Ok(stream) => stream,
+            Err(e) => return e,
+        };
+        let subscribe = command(&["SUBSCRIBE", "+switch-master"]);
+        if let Err(e) = self.exchange(&mut stream, &subscribe).await {
+            return e;
+        }
+        let mut buf = Vec::new();
+        loop {
+            if let Err(e) = handshake::read_frame(&mut stream, &mut buf).await {
+                return e.to_string();
+            }
+            tracing::info!(sentinel = %address, "sentinel announced +switch-master");
+            discovery.recheck();
         }
     }
 }
