@@ -126,9 +126,17 @@ async fn logged(set: &SentinelSet, addr: &str) -> std::collections::HashSet<u64>
     }
 }
 
-/// Checks a writer's log around a failover that the sentinels agreed on at `agreed`: no
-/// `-READONLY` ever, and a write acknowledged and kept by the new master within 2 s.
-async fn check_recovery(set: &SentinelSet, new: &str, agreed: Instant, log: &[(Instant, Outcome)]) {
+/// Once the sentinels agree on `new` (now): no `-READONLY` ever reached the writer, and a
+/// write was acknowledged and kept by the new master within 2 s.
+async fn check_recovery(set: &SentinelSet, new: &str, writer: Writer) {
+    let agreed = Instant::now();
+    // The new master holds every write replicated before the failover: wait for more.
+    let before = logged(set, new).await.len();
+    wait_until("writes after the failover", DEADLINE, || async {
+        logged(set, new).await.len() > before + 20
+    })
+    .await;
+    let log = writer.finish().await;
     let errors: Vec<&String> = log
         .iter()
         .filter_map(|(_, o)| match o {
@@ -167,15 +175,7 @@ async fn writes_resume_on_the_new_master_after_a_commanded_failover() {
     wait_until("writes flow", DEADLINE, || async { writer.acked() > 20 }).await;
 
     let new = set.failover().await;
-    let agreed = Instant::now();
-    // The new master holds every write replicated before the failover: wait for more.
-    let before = logged(&set, &new).await.len();
-    wait_until("writes after the failover", DEADLINE, || async {
-        logged(&set, &new).await.len() > before + 20
-    })
-    .await;
-    let log = writer.finish().await;
-    check_recovery(&set, &new, agreed, &log).await;
+    check_recovery(&set, &new, writer).await;
     assert!(
         amb.metric("ambassador_sessions_moved_total", ("how", "failover"))
             .await
@@ -197,15 +197,7 @@ async fn writes_resume_on_the_new_master_after_the_master_dies() {
     let new = set.replica_addr().to_owned();
     set.wait_master(&new, Instant::now() + SENTINEL_DEADLINE)
         .await;
-    let agreed = Instant::now();
-    // The new master holds every write replicated before the failover: wait for more.
-    let before = logged(&set, &new).await.len();
-    wait_until("writes after the failover", DEADLINE, || async {
-        logged(&set, &new).await.len() > before + 20
-    })
-    .await;
-    let log = writer.finish().await;
-    check_recovery(&set, &new, agreed, &log).await;
+    check_recovery(&set, &new, writer).await;
     amb.stop().await;
 }
 

@@ -231,35 +231,36 @@ fn discovery_keys_are_checked_by_key() {
             .unwrap_err()
             .to_string()
     };
-    let both = errors("address = \"a:1\"\nsrv = \"_redis._tcp.x\"");
-    assert!(
-        both.contains("upstream: give only one of address, srv, sentinel, addresses"),
-        "{both}"
-    );
-    let ttl = errors("srv = \"_redis._tcp.x\"\nsrv_ttl_min = \"10s\"\nsrv_ttl_max = \"1s\"");
-    assert!(
-        ttl.contains("upstream.srv_ttl_max: must be at least upstream.srv_ttl_min (10s)"),
-        "{ttl}"
-    );
-    let policy = errors("srv = \"_redis._tcp.x\"\nmove_open_sessions = \"sometimes\"");
-    assert!(
-        policy.contains("upstream.move_open_sessions: expected \"at-idle\" or \"never\""),
-        "{policy}"
-    );
-    let strategy = errors("addresses = [\"a:1\", \"b:2\"]\nstrategy = \"random\"");
-    assert!(
-        strategy.contains("upstream.strategy: expected \"failover\" or \"round-robin\""),
-        "{strategy}"
-    );
-    let sentinel = errors("[upstream.sentinel]\naddresses = []");
-    assert!(
-        sentinel.contains("upstream.sentinel.master: missing"),
-        "{sentinel}"
-    );
-    assert!(
-        sentinel.contains("upstream.sentinel.addresses: must list at least one host:port"),
-        "{sentinel}"
-    );
+    let cases = [
+        (
+            "address = \"a:1\"\nsrv = \"_redis._tcp.x\"",
+            "upstream: give only one of address, srv, sentinel, addresses",
+        ),
+        (
+            "srv = \"_redis._tcp.x\"\nsrv_ttl_min = \"10s\"\nsrv_ttl_max = \"1s\"",
+            "upstream.srv_ttl_max: must be at least upstream.srv_ttl_min (10s)",
+        ),
+        (
+            "srv = \"_redis._tcp.x\"\nmove_open_sessions = \"sometimes\"",
+            "upstream.move_open_sessions: expected \"at-idle\" or \"never\"",
+        ),
+        (
+            "addresses = [\"a:1\", \"b:2\"]\nstrategy = \"random\"",
+            "upstream.strategy: expected \"failover\" or \"round-robin\"",
+        ),
+        (
+            "[upstream.sentinel]\naddresses = []",
+            "upstream.sentinel.master: missing",
+        ),
+        (
+            "[upstream.sentinel]\naddresses = []",
+            "upstream.sentinel.addresses: must list at least one host:port",
+        ),
+    ];
+    for (upstream, want) in cases {
+        let found = errors(upstream);
+        assert!(found.contains(want), "{upstream}: {found}");
+    }
 }
 
 #[tokio::test]

@@ -54,18 +54,30 @@ impl Raw {
     /// The next frame within `limit`; `None` if the connection closed, failed or stayed
     /// silent.
     pub async fn try_reply_within(&mut self, limit: Duration) -> Option<OwnedFrame> {
+        self.frame_within(limit).await.ok().flatten()
+    }
+
+    /// The next frame; `Ok(None)` if the connection closed or failed first, `Err` if `limit`
+    /// passed.
+    async fn frame_within(
+        &mut self,
+        limit: Duration,
+    ) -> Result<Option<OwnedFrame>, tokio::time::error::Elapsed> {
         let deadline = Instant::now() + limit;
         loop {
             if let Some((frame, used)) = decode_any(&self.buf) {
                 self.buf.drain(..used);
-                return Some(frame);
+                return Ok(Some(frame));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             let mut chunk = vec![0u8; 64 * 1024];
-            match tokio::time::timeout(left, self.stream.read(&mut chunk)).await {
-                Ok(Ok(n)) if n > 0 => self.buf.extend_from_slice(&chunk[..n]),
-                _ => return None,
+            let n = tokio::time::timeout(left, self.stream.read(&mut chunk))
+                .await?
+                .unwrap_or(0);
+            if n == 0 {
+                return Ok(None);
             }
+            self.buf.extend_from_slice(&chunk[..n]);
         }
     }
 
@@ -87,23 +99,9 @@ impl Raw {
 
     /// The next frame, or `None` if the connection closed first.
     pub async fn try_reply(&mut self) -> Option<OwnedFrame> {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            if let Some((frame, used)) = decode_any(&self.buf) {
-                self.buf.drain(..used);
-                return Some(frame);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            let mut chunk = vec![0u8; 64 * 1024];
-            let n = tokio::time::timeout(left, self.stream.read(&mut chunk))
-                .await
-                .expect("timed out waiting for a reply")
-                .unwrap_or(0);
-            if n == 0 {
-                return None;
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
+        self.frame_within(DEADLINE)
+            .await
+            .expect("timed out waiting for a reply")
     }
 
     /// Reads exactly `n` raw bytes.
