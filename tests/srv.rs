@@ -48,6 +48,18 @@ fn profile(
     )
 }
 
+/// Both servers, the record naming a.test, and an ambassador following it with `extra`
+/// lines in `[upstream]`.
+async fn on_a(extra: &str) -> (Pair, Dns, Ambassador) {
+    let pair = Pair::start().await;
+    let dns = Dns::start_srv(&Pair::hosts(), &[pair.record("a.test", 0)]);
+    dns.wait_srv(NAME, "a.test", pair.a.port).await;
+    let dir = tempfile::tempdir().unwrap();
+    let profile = profile(&pair.a, &dns, NAME, dir.path(), extra);
+    let amb = Ambassador::with_config(load_config(dir.path(), &profile), dir).await;
+    (pair, dns, amb)
+}
+
 async fn who(raw: &mut Raw) -> OwnedFrame {
     raw.cmd(&["GET", "who"]).await
 }
@@ -64,12 +76,7 @@ async fn wait_target(amb: &Ambassador, address: &str) {
 
 #[tokio::test]
 async fn a_moved_record_moves_new_connections_and_open_sessions_at_their_idle_points() {
-    let pair = Pair::start().await;
-    let mut dns = Dns::start_srv(&Pair::hosts(), &[pair.record("a.test", 0)]);
-    dns.wait_srv(NAME, "a.test", pair.a.port).await;
-    let dir = tempfile::tempdir().unwrap();
-    let profile = profile(&pair.a, &dns, NAME, dir.path(), "");
-    let amb = Ambassador::with_config(load_config(dir.path(), &profile), dir).await;
+    let (pair, mut dns, amb) = on_a("").await;
 
     let mut idle = amb.connect().await;
     assert_eq!(who(&mut idle).await, bulk(b"a"));
@@ -184,12 +191,7 @@ async fn the_best_priority_is_used_and_the_next_when_it_is_down() {
 
 #[tokio::test]
 async fn a_failed_lookup_keeps_the_last_good_answer() {
-    let pair = Pair::start().await;
-    let mut dns = Dns::start_srv(&Pair::hosts(), &[pair.record("a.test", 0)]);
-    dns.wait_srv(NAME, "a.test", pair.a.port).await;
-    let dir = tempfile::tempdir().unwrap();
-    let profile = profile(&pair.a, &dns, NAME, dir.path(), "");
-    let amb = Ambassador::with_config(load_config(dir.path(), &profile), dir).await;
+    let (_servers, mut dns, amb) = on_a("").await;
     assert_eq!(who(&mut amb.connect().await).await, bulk(b"a"));
     dns.set_srv(&[]);
     wait_until("a failed lookup", DEADLINE, || async {
@@ -265,12 +267,7 @@ fn discovery_keys_are_checked_by_key() {
 
 #[tokio::test]
 async fn a_subscribed_session_stays_until_the_grace_runs_out() {
-    let pair = Pair::start().await;
-    let mut dns = Dns::start_srv(&Pair::hosts(), &[pair.record("a.test", 0)]);
-    dns.wait_srv(NAME, "a.test", pair.a.port).await;
-    let dir = tempfile::tempdir().unwrap();
-    let profile = profile(&pair.a, &dns, NAME, dir.path(), "move_grace = \"3s\"");
-    let amb = Ambassador::with_config(load_config(dir.path(), &profile), dir).await;
+    let (pair, mut dns, amb) = on_a("move_grace = \"3s\"").await;
     let mut subscriber = amb.connect().await;
     subscriber.send(&command(&["SUBSCRIBE", "news"])).await;
     let confirmation = subscriber.reply().await;
