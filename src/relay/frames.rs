@@ -51,6 +51,12 @@ impl Mode {
         self.channels > 0 || self.shards > 0 || self.maybe_subscribed
     }
 
+    /// Nothing arrives unasked: not subscribed, not monitoring, replies counted. Closing
+    /// the session here loses the client nothing (a move, [`super::Rest`]).
+    pub(super) fn quiet(&self) -> bool {
+        !self.untracked && !self.monitoring && !self.subscribed() && self.pushed_subscriptions <= 0
+    }
+
     /// Classifies `f`. `awaiting` names the confirmation a pending subscription waits for,
     /// when one is at the head of the queue (so its outcome is the next frame that is not
     /// out of band).
@@ -60,12 +66,6 @@ impl Mode {
     /// which replies with an array named like a message or a confirmation; a MONITOR client
     /// may not touch the keyspace (no script can return a status), and no command's status
     /// reply starts with a digit as the feed's timestamps do.
-    /// Nothing arrives unasked: not subscribed, not monitoring, replies counted. Closing
-    /// the session here loses the client nothing (a move, [`super::Rest`]).
-    pub(super) fn quiet(&self) -> bool {
-        !self.untracked && !self.monitoring && !self.subscribed() && self.pushed_subscriptions <= 0
-    }
-
     pub(super) fn classify(&mut self, f: &Frame, awaiting: Option<&[u8]>) -> Class {
         if self.untracked {
             return Class::Reply;

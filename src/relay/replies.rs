@@ -112,6 +112,8 @@ where
                         return Ok(Close::UpstreamClosed);
                     }
                     self.activity.touch();
+                    // Busy until these bytes are relayed (see the loop's top).
+                    self.expectations.rest.replies(false, false);
                     // Every expectation sent before these bytes were caused is in the queue.
                     self.expectations.take_into(&mut self.queue);
                     if let Some(close) = self.relay_chunk(&chunk).await? {

@@ -137,6 +137,8 @@ where
                     }
                     self.read.fetch_add(n as u64, Ordering::Relaxed);
                     self.activity.touch();
+                    // Busy until this read is judged and forwarded (see the loop's top).
+                    self.expectations.rest.requests(false, false);
                 }
                 changed = self.credentials.changed(), if watching => {
                     // An error means the store is gone: the process is stopping.
