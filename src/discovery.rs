@@ -235,6 +235,16 @@ impl Discovery {
         choice
     }
 
+    /// The targets new connections prefer now.
+    pub fn preferred(&self) -> Vec<Target> {
+        self.choice
+            .borrow()
+            .preferred()
+            .into_iter()
+            .cloned()
+            .collect()
+    }
+
     /// Look again now, not at the next TTL or poll.
     pub fn recheck(&self) {
         self.recheck.notify_one();

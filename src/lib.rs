@@ -32,6 +32,7 @@ pub mod filter;
 pub mod handshake;
 pub mod listener;
 pub mod metrics;
+pub mod pool;
 pub mod probe;
 pub mod refresh;
 pub mod relay;
@@ -98,6 +99,7 @@ pub async fn run_with(
         downstream_password: config.listen.password.map(Arc::new),
         idle_timeout: config.listen.idle_timeout,
         metrics: Arc::clone(&metrics),
+        pool: Arc::new(pool::Pool::new(config.upstream.pool_size)),
     });
     let admin_address = admin
         .as_ref()
@@ -153,6 +155,20 @@ pub async fn run_with(
         background.clone(),
     );
     spawn_caught(&helpers, "discovery", &metrics, discovering);
+    let pool = Arc::clone(&shared.pool);
+    let filling = {
+        let (upstream, credentials, handshake) = (
+            config.upstream.clone(),
+            credentials.clone(),
+            config.handshake.clone(),
+        );
+        let (metrics, stop) = (Arc::clone(&metrics), background.clone());
+        async move {
+            pool.fill(upstream, credentials, handshake, metrics, stop)
+                .await
+        }
+    };
+    spawn_caught(&helpers, "pool", &metrics, filling);
     match config.credentials_source.clone() {
         config::CredentialSource::None => {}
         config::CredentialSource::File(path) => {

@@ -41,6 +41,8 @@ pub struct Metrics {
     discovery_failures: Counter,
     backend_healthy: Family<Labels, Gauge>,
     sessions_moved: Family<Labels, Counter>,
+    pool_ready: Gauge,
+    pool_taken: Family<Labels, Counter>,
     sessions_closed: Family<Labels, Counter>,
     tls_reloads: Family<Labels, Counter>,
     /// `notAfter` of the TLS certificates in use (seconds since the epoch), by file; the
@@ -99,6 +101,8 @@ impl Metrics {
             discovery_failures: Counter::default(),
             backend_healthy: Family::default(),
             sessions_moved: Family::default(),
+            pool_ready: Gauge::default(),
+            pool_taken: Family::default(),
             sessions_closed: Family::default(),
             tls_reloads: Family::default(),
             tls_not_after: Mutex::new(Vec::new()),
@@ -208,6 +212,16 @@ impl Metrics {
             "backend_healthy",
             "Whether each backend of upstream.addresses passed its last health check (1) or not (0)",
             m.backend_healthy.clone(),
+        );
+        r.register(
+            "upstream_pool_ready",
+            "Upstream connections ready for new clients (upstream.pool_size)",
+            m.pool_ready.clone(),
+        );
+        r.register(
+            "upstream_pool_taken",
+            "New sessions by where their upstream connection came from: ready (the pool) or none (made for the client)",
+            m.pool_taken.clone(),
         );
         r.register(
             "sessions_moved",
@@ -381,6 +395,17 @@ impl Metrics {
         self.backend_healthy
             .get_or_create(&labels(&[("address", address)]))
             .set(i64::from(healthy));
+    }
+
+    pub fn set_pool_ready(&self, ready: usize) {
+        self.pool_ready.set(ready as i64);
+    }
+
+    /// A new session found a ready connection (`"ready"`) or none (`"none"`).
+    pub fn pool_taken(&self, from: &str) {
+        self.pool_taken
+            .get_or_create(&labels(&[("from", from)]))
+            .inc();
     }
 
     /// An open session was closed because its upstream is no longer the target.

@@ -11,13 +11,14 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::config::{Handshake, Protocol, Upstream};
-use crate::credentials::{CredentialStore, DownstreamPassword};
+use crate::credentials::{CredentialStore, Credentials, DownstreamPassword};
 use crate::dead_peer;
 use crate::discovery::Discovery;
 use crate::handshake::HandshakeError;
 use crate::metrics::Metrics;
+use crate::pool::Pool;
 use crate::relay::{self, Context, Moves, RelayError};
-use crate::upstream::{self, EstablishError};
+use crate::upstream::{self, Connected, EstablishError};
 
 /// What every session shares: built once at start.
 pub struct Shared {
@@ -29,6 +30,23 @@ pub struct Shared {
     pub downstream_password: Option<Arc<DownstreamPassword>>,
     pub idle_timeout: Option<Duration>,
     pub metrics: Arc<Metrics>,
+    /// Ready upstream connections (`upstream.pool_size`), filled by a task of its own.
+    pub pool: Arc<Pool>,
+}
+
+impl Shared {
+    /// An upstream connection made with `credentials`: a ready one from the pool, else one
+    /// made now.
+    async fn connect(&self, credentials: &Arc<Credentials>) -> Result<Connected, EstablishError> {
+        if let Some(ready) = self.pool.take(&self.upstream, credentials) {
+            self.metrics.pool_taken("ready");
+            return Ok(ready);
+        }
+        if self.upstream.pool_size > 0 {
+            self.metrics.pool_taken("none");
+        }
+        upstream::open(&self.upstream, credentials, &self.handshake).await
+    }
 }
 
 /// Serves one client until either side closes.
@@ -52,7 +70,7 @@ where
     // Watched from before the connection, so a move while connecting is not missed.
     let discovery = &shared.upstream.discovery;
     let choice = discovery.moves().then(|| discovery.subscribe());
-    let connected = upstream::open(&shared.upstream, &current, &shared.handshake).await;
+    let connected = shared.connect(&current).await;
     let (upstream, upstream_addr, target) = match connected {
         Ok(c) => (c.stream, c.addr, c.target),
         Err(e) => {

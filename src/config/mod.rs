@@ -140,6 +140,8 @@ pub struct Upstream {
     /// `TCP_USER_TIMEOUT` and keepalive on every upstream connection.
     pub dead_peer: DeadPeer,
     pub expect: UpstreamExpect,
+    /// Upstream connections kept ready for new clients (`upstream.pool_size`).
+    pub pool_size: usize,
     /// `[upstream.tls]`, its client config already built: `None` is plain TCP.
     pub tls: Option<Tls>,
 }

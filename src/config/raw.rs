@@ -55,6 +55,7 @@ pub(super) struct RawUpstream {
     #[serde(with = "humantime_serde")]
     pub(super) move_grace: Option<Duration>,
     pub(super) dns_server: Option<String>,
+    pub(super) pool_size: Option<i64>,
     #[serde(with = "humantime_serde")]
     pub(super) connect_timeout: Option<Duration>,
     #[serde(with = "humantime_serde")]

@@ -228,8 +228,19 @@ fn upstream(mut raw: RawUpstream, errors: &mut ConfigErrors) -> Option<Upstream>
         }
     };
     let policy = super::discovery::policy(&raw, errors);
+    let pool_size = match raw.pool_size.unwrap_or(0) {
+        n @ 0..=1000 => n as usize,
+        n => {
+            errors.add(
+                "upstream.pool_size",
+                format!("must be from 0 to 1000, got {n}"),
+            );
+            0
+        }
+    };
     Some(Upstream {
         discovery: Arc::new(Discovery::new(source?, policy)),
+        pool_size,
         protocol: Protocol::default(),
         resolver: resolver?,
         connect_timeout,

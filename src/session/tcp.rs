@@ -8,16 +8,13 @@ use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::Shared;
-use crate::credentials::Credentials;
-use crate::upstream;
 
 pub(super) async fn serve<C>(mut client: C, shared: &Shared, started: Instant)
 where
     C: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let metrics = &shared.metrics;
-    let none = Credentials::none();
-    let mut backend = match upstream::open(&shared.upstream, &none, &shared.handshake).await {
+    let mut backend = match shared.connect(&shared.credentials.current()).await {
         Ok(connected) => connected,
         Err(e) => {
             tracing::warn!(upstream = %shared.upstream.discovery, error = %e, "upstream unavailable");

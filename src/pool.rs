@@ -1,0 +1,159 @@
+//! Ready upstream connections (`upstream.pool_size`): connected, TLS done and authenticated
+//! with the current credentials before a client asks, so that a new client pays no connect,
+//! TLS or AUTH round trip. Made through [`upstream::open`], the one seam, and refilled in the
+//! background as they are taken, at most `size` at a time. A ready connection is used only
+//! while it is still good: made with the credentials in use, to a target discovery still
+//! prefers, younger than [`MAX_READY_AGE`], and with no close or stray byte waiting on its
+//! socket. Off (0) by default: every ready connection is an idle client of the server, on
+//! every pod.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Handshake, Upstream};
+use crate::credentials::{CredentialStore, Credentials};
+use crate::metrics::Metrics;
+use crate::upstream::{self, Connected, Stream};
+
+/// A ready connection older than this is replaced: servers close idle clients (`timeout`),
+/// and a connection that waited long may be on a path that changed.
+const MAX_READY_AGE: Duration = Duration::from_secs(60);
+
+/// After a failed attempt, the pool waits this long before trying again, so an unreachable
+/// upstream is not hammered; clients still connect on their own meanwhile.
+const RETRY: Duration = Duration::from_secs(1);
+
+struct Ready {
+    connected: Connected,
+    /// The credentials it authenticated with: compared by identity with the ones in use.
+    credentials: Arc<Credentials>,
+    made: Instant,
+}
+
+/// The ready connections; empty and idle when `size` is 0.
+pub struct Pool {
+    size: usize,
+    ready: Mutex<VecDeque<Ready>>,
+    /// Woken when a connection was taken (or found stale): make another.
+    wanted: Notify,
+}
+
+impl Pool {
+    pub fn new(size: usize) -> Pool {
+        Pool {
+            size,
+            ready: Mutex::new(VecDeque::with_capacity(size)),
+            wanted: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Ready>> {
+        // Pushing or popping cannot leave the queue half-changed.
+        self.ready.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A ready connection made with `credentials` to a target `upstream`'s discovery still
+    /// prefers; `None` (the caller connects itself) when there is none.
+    pub fn take(&self, upstream: &Upstream, credentials: &Arc<Credentials>) -> Option<Connected> {
+        if self.size == 0 {
+            return None;
+        }
+        let preferred = upstream.discovery.preferred();
+        let found = {
+            let mut ready = self.lock();
+            let mut found = None;
+            // The newest first: the least likely to have been closed by the server.
+            while let Some(r) = ready.pop_back() {
+                let good = Arc::ptr_eq(&r.credentials, credentials)
+                    && preferred.contains(&r.connected.target)
+                    && r.made.elapsed() < MAX_READY_AGE
+                    && open(&r.connected.stream);
+                if good {
+                    found = Some(r.connected);
+                    break;
+                }
+            }
+            found
+        };
+        self.wanted.notify_one();
+        found
+    }
+
+    /// Keeps `size` connections ready until `stop`.
+    pub async fn fill(
+        &self,
+        upstream: Upstream,
+        credentials: CredentialStore,
+        handshake: Handshake,
+        metrics: Arc<Metrics>,
+        stop: CancellationToken,
+    ) {
+        if self.size == 0 {
+            return;
+        }
+        let mut making: JoinSet<(Arc<Credentials>, Result<Connected, String>)> = JoinSet::new();
+        let mut rotated = credentials.subscribe();
+        let mut moved = upstream.discovery.subscribe();
+        loop {
+            self.prune(&credentials.current());
+            let missing = self.size.saturating_sub(self.lock().len() + making.len());
+            for _ in 0..missing {
+                let (upstream, handshake) = (upstream.clone(), handshake.clone());
+                let current = credentials.current();
+                making.spawn(async move {
+                    let made = upstream::open(&upstream, &current, &handshake)
+                        .await
+                        .map_err(|e| e.to_string());
+                    (current, made)
+                });
+            }
+            metrics.set_pool_ready(self.lock().len());
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                Some(done) = making.join_next() => match done {
+                    Ok((made_with, Ok(connected))) => self.lock().push_back(Ready {
+                        connected,
+                        credentials: made_with,
+                        made: Instant::now(),
+                    }),
+                    Ok((_, Err(e))) => {
+                        tracing::debug!(error = %e, "could not make a ready upstream connection");
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(RETRY) => {}
+                        }
+                    }
+                    Err(_) => {} // a panic, counted by the runtime's hook; try again
+                },
+                _ = self.wanted.notified() => {}
+                Ok(()) = rotated.changed() => {}
+                Ok(()) = moved.changed() => {}
+                _ = tokio::time::sleep(MAX_READY_AGE / 2) => {}
+            }
+        }
+    }
+
+    /// Drops what could no longer be used.
+    fn prune(&self, current: &Arc<Credentials>) {
+        self.lock()
+            .retain(|r| Arc::ptr_eq(&r.credentials, current) && r.made.elapsed() < MAX_READY_AGE);
+    }
+}
+
+/// No close and no stray byte waiting: a peek that would block.
+fn open(stream: &Stream) -> bool {
+    let tcp = match stream {
+        Stream::Plain(s) => s,
+        Stream::Tls(s) => s.get_ref().0,
+    };
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+    matches!(
+        socket2::SockRef::from(tcp).peek(&mut byte),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+    )
+}
