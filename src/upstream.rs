@@ -256,6 +256,11 @@ pub async fn open(
                 return Err(e)
             }
             Err(e) => {
+                if target.confirm_master {
+                    // Sentinel's master is unreachable: ask the sentinels now, not at the
+                    // next poll (they coalesce: at most one question waits).
+                    upstream.discovery.recheck();
+                }
                 if candidates.len() > 1 {
                     tracing::debug!(upstream = %target, error = %e, "candidate unavailable; trying the next");
                 }
