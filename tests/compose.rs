@@ -69,7 +69,8 @@ fn list<'a>(block: &[&'a str], key: &str) -> Vec<&'a str> {
     value(block, key)
         .map(|v| {
             let inner = v.strip_prefix('[').and_then(|v| v.strip_suffix(']'));
-            inner.expect("a [flow, list]").split(", ").collect()
+            let inner = inner.expect("a [flow, list]");
+            inner.split(", ").filter(|i| !i.is_empty()).collect()
         })
         .unwrap_or_default()
 }
@@ -197,7 +198,8 @@ impl Compose {
         env.extend(environment(&block));
         let mount = format!(
             "- ./profiles:{}:ro",
-            env.get("AMBASSADOR_CONFIG_DIR").expect("AMBASSADOR_CONFIG_DIR")
+            env.get("AMBASSADOR_CONFIG_DIR")
+                .expect("AMBASSADOR_CONFIG_DIR")
         );
         assert!(
             block.iter().any(|l| l.trim() == mount),
@@ -280,7 +282,11 @@ fn every_ambassador_loads_its_profile_as_its_container_would() {
         let listen = listening
             .get(host)
             .unwrap_or_else(|| panic!("{app} talks to {host}, not an ambassador"));
-        assert_eq!(port, listen.to_string(), "{app}: {host} listens on {listen}");
+        assert_eq!(
+            port,
+            listen.to_string(),
+            "{app}: {host} listens on {listen}"
+        );
     }
 }
 
@@ -291,7 +297,10 @@ fn every_profile_is_used_and_every_secret_exists() {
     for entry in std::fs::read_dir(root().join(DIR).join("profiles")).unwrap() {
         let path = entry.unwrap().path();
         let name = path.file_stem().unwrap().to_string_lossy().into_owned();
-        assert!(used.contains(&name), "profiles/{name}.toml is used by no service");
+        assert!(
+            used.contains(&name),
+            "profiles/{name}.toml is used by no service"
+        );
     }
     for (service, block) in &compose.services {
         let block: Vec<&str> = block.iter().map(String::as_str).collect();
@@ -330,7 +339,11 @@ fn upstreams_are_services_of_the_file() {
         }
         if let Some(srv) = profile_value(&text, "srv") {
             let dns_server = profile_value(&text, "dns_server").expect("dns_server");
-            assert_eq!(dns_server, format!("{}:53", compose.ipv4("dns")));
+            assert_eq!(
+                dns_server,
+                format!("{}:53", compose.ipv4("dns")),
+                "{service}: dns_server is the dns service's address"
+            );
             // dnsmasq serves the record, and names its target with redis's address.
             let command = value(&compose.service("dns"), "command").unwrap();
             let record = command
