@@ -24,6 +24,7 @@ use subtle::ConstantTimeEq;
 use thiserror::Error;
 use tokio::sync::watch;
 
+pub mod aws_iam;
 mod encode;
 pub mod exec;
 

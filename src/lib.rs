@@ -89,6 +89,15 @@ pub async fn run_with(
     {
         tracing::warn!("{}", tls::INSECURE_WARNING);
     }
+    if let config::CredentialSource::Exec {
+        source: refresh::Fetcher::AwsIam(_),
+        ..
+    } = &config.credentials_source
+    {
+        if config.upstream.tls.is_none() {
+            tracing::warn!("credentials.source = \"aws-iam\" without [upstream.tls]: ElastiCache and MemoryDB refuse IAM authentication over plain TCP (fine for tests and tunnels)");
+        }
+    }
     let credentials = CredentialStore::new(config.credentials);
     let shared = Arc::new(Shared {
         upstream: config.upstream.clone(),

@@ -64,6 +64,8 @@ struct Health {
     mismatch: Mutex<Option<String>>,
     /// When the credentials in use expire, if they do.
     credential_expires_at: Mutex<Option<SystemTime>>,
+    /// The source of the credentials that expire (`exec`, `aws-iam`), for the label.
+    credential_source: Mutex<&'static str>,
 }
 
 fn labels(pairs: &[(&'static str, &str)]) -> Labels {
@@ -114,6 +116,7 @@ impl Metrics {
                 draining: AtomicBool::new(false),
                 mismatch: Mutex::new(None),
                 credential_expires_at: Mutex::new(None),
+                credential_source: Mutex::new("exec"),
             },
             registry: Registry::default(),
         };
@@ -255,8 +258,13 @@ impl Metrics {
                 Ok(d) => d.as_secs_f64(),
                 Err(e) => -e.duration().as_secs_f64(),
             };
+            let source = *self
+                .health
+                .credential_source
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             self.credential_expiry
-                .get_or_create(&labels(&[("source", "exec")]))
+                .get_or_create(&labels(&[("source", source)]))
                 .set(left);
         }
         for (file, not_after) in self
@@ -317,8 +325,13 @@ impl Metrics {
         }
     }
 
-    /// The credentials now in use expire at `at` (`None`: never).
-    pub fn set_credential_expiry(&self, at: Option<SystemTime>) {
+    /// The credentials now in use, from `source`, expire at `at` (`None`: never).
+    pub fn set_credential_expiry(&self, source: &'static str, at: Option<SystemTime>) {
+        *self
+            .health
+            .credential_source
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = source;
         *self
             .health
             .credential_expires_at

@@ -12,7 +12,8 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Handshake, Upstream, UpstreamExpect};
-use crate::credentials::exec::{format_time, ExecSource};
+use crate::credentials::aws_iam::AwsIamSource;
+use crate::credentials::exec::{format_time, ExecSource, Fetched};
 use crate::credentials::{CredentialStore, Credentials};
 use crate::handshake::HandshakeError;
 use crate::metrics::Metrics;
@@ -47,9 +48,63 @@ impl Schedule {
     }
 }
 
+/// A source of credentials that expire: a command's output, or an AWS IAM token.
+#[derive(Debug, Clone)]
+pub enum Fetcher {
+    Exec(ExecSource),
+    AwsIam(AwsIamSource),
+}
+
+impl Fetcher {
+    /// For metrics: `exec` or `aws-iam`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Fetcher::Exec(_) => "exec",
+            Fetcher::AwsIam(_) => "aws-iam",
+        }
+    }
+
+    /// Where the credentials come from, for `--check` (never a secret).
+    pub fn describe(&self) -> String {
+        match self {
+            Fetcher::Exec(source) => format!("command {:?}", source.command[0]),
+            Fetcher::AwsIam(source) => format!(
+                "aws-iam ({} {}{}, region {})",
+                source.service,
+                source.cache_name,
+                if source.serverless {
+                    ", serverless"
+                } else {
+                    ""
+                },
+                source.region.as_deref().unwrap_or("from the SDK's chain")
+            ),
+        }
+    }
+
+    /// Fetches once. On failure: the error, and what the command wrote on stderr (the
+    /// secret removed).
+    pub async fn fetch(&self) -> Result<Fetched, (String, String)> {
+        match self {
+            Fetcher::Exec(source) => source
+                .fetch()
+                .await
+                .map_err(|(e, stderr)| (e.to_string(), stderr)),
+            Fetcher::AwsIam(source) => source
+                .fetch()
+                .await
+                .map(|credentials| Fetched {
+                    credentials,
+                    stderr: String::new(),
+                })
+                .map_err(|e| (e.to_string(), String::new())),
+        }
+    }
+}
+
 /// Everything a refresh needs.
 pub struct Refresher {
-    pub source: ExecSource,
+    pub source: Fetcher,
     pub schedule: Schedule,
     pub store: CredentialStore,
     pub upstream: Upstream,
@@ -63,7 +118,8 @@ impl Refresher {
     /// just before (at start-up).
     pub async fn run(self, stop: CancellationToken) {
         let current = self.store.current();
-        self.metrics.set_credential_expiry(current.expires_at());
+        self.metrics
+            .set_credential_expiry(self.source.name(), current.expires_at());
         let mut wait = self.schedule.wait(&current, SystemTime::now());
         let mut retry = Duration::from_secs(1);
         loop {
@@ -99,7 +155,7 @@ impl Refresher {
 
     /// Runs the command and applies what it gave; `None` (logged) when that failed.
     async fn refresh(&self) -> Option<Arc<Credentials>> {
-        let program = self.source.command[0].as_str();
+        let source = self.source.name();
         let fetched = match self.source.fetch().await {
             Ok(f) => f,
             Err((error, stderr)) => {
@@ -108,14 +164,15 @@ impl Refresher {
                     %error,
                     stderr = %stderr,
                     expires_at = expires.as_deref().unwrap_or("never"),
-                    "credential command failed; keeping the last good credentials until they expire, will retry"
+                    source,
+                    "credential refresh failed; keeping the last good credentials until they expire, will retry"
                 );
-                self.metrics.credential_refreshed("exec", false);
+                self.metrics.credential_refreshed(source, false);
                 return None;
             }
         };
         if !fetched.stderr.is_empty() {
-            tracing::info!(program, stderr = %fetched.stderr, "credential command wrote on stderr");
+            tracing::info!(source = %self.source.describe(), stderr = %fetched.stderr, "credential command wrote on stderr");
         }
         let candidate = fetched.credentials;
         match probe::probe(&self.upstream, &candidate, &self.handshake, &self.expect).await {
@@ -123,14 +180,14 @@ impl Refresher {
             Err(ProbeError::Establish(EstablishError::Handshake(
                 HandshakeError::AuthRejected { reason, .. },
             ))) => {
-                tracing::warn!(user = candidate.username(), %reason, "credentials from the command refused by the upstream; keeping the current ones, will retry");
-                self.metrics.credential_refreshed("exec", false);
+                tracing::warn!(user = candidate.username(), %reason, source, "new credentials refused by the upstream; keeping the current ones, will retry");
+                self.metrics.credential_refreshed(source, false);
                 return None;
             }
             // Fresh credentials from their source beat ones about to expire: applied even
             // though the upstream could not be asked.
             Err(error) => {
-                tracing::warn!(%error, "cannot test the credentials from the command; applying them untested");
+                tracing::warn!(%error, source, "cannot test the new credentials; applying them untested");
             }
         }
         let expires = candidate.expires_at();
@@ -140,8 +197,8 @@ impl Refresher {
             "credentials refreshed"
         );
         self.store.replace(candidate);
-        self.metrics.set_credential_expiry(expires);
-        self.metrics.credential_refreshed("exec", true);
+        self.metrics.set_credential_expiry(source, expires);
+        self.metrics.credential_refreshed(source, true);
         Some(self.store.current())
     }
 }

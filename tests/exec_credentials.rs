@@ -199,7 +199,7 @@ async fn a_failing_hanging_or_garbage_command_is_survived_with_the_old_credentia
     let output = bin.output_to_end();
     let failures: Vec<&str> = output
         .lines()
-        .filter(|l| l.contains("credential command failed"))
+        .filter(|l| l.contains("credential refresh failed"))
         .collect();
     assert_eq!(failures.len(), 4, "{output}");
     for (line, why) in failures.iter().zip([

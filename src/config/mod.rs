@@ -15,10 +15,11 @@ use std::time::Duration;
 use config::{Environment, File, FileFormat, Value};
 use serde::Deserialize;
 
-use crate::credentials::exec::{format_time, ExecSource};
+use crate::credentials::exec::format_time;
 use crate::credentials::{Credentials, DownstreamPassword};
 use crate::dead_peer::DeadPeer;
 use crate::discovery::{Discovery, Resolver};
+use crate::refresh::Fetcher;
 use crate::refresh::Schedule;
 use crate::tls::Tls;
 use crate::upstream::Reach;
@@ -71,10 +72,7 @@ pub enum CredentialSource {
     /// This file, read again when it changes.
     File(PathBuf),
     /// What a command prints, run again before it expires.
-    Exec {
-        source: ExecSource,
-        schedule: Schedule,
-    },
+    Exec { source: Fetcher, schedule: Schedule },
 }
 
 #[derive(Debug, Clone)]
@@ -347,8 +345,7 @@ impl Config {
             match &self.credentials_source {
                 CredentialSource::None => "nowhere (TCP mode)".to_owned(),
                 CredentialSource::File(path) => format!("file {}", path.display()),
-                CredentialSource::Exec { source, .. } =>
-                    format!("command {:?}", source.command[0]),
+                CredentialSource::Exec { source, .. } => source.describe(),
             },
         );
         if let CredentialSource::Exec { .. } = &self.credentials_source {

@@ -118,6 +118,16 @@ pub(super) struct RawCredentials {
     pub(super) reauth_open_sessions: Option<bool>,
     #[serde(with = "humantime_serde")]
     pub(super) max_session_age: Option<Duration>,
+    pub(super) aws_iam: Option<RawAwsIam>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawAwsIam {
+    pub(super) cache_name: Option<String>,
+    pub(super) region: Option<String>,
+    pub(super) service: Option<String>,
+    pub(super) serverless: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -10,11 +10,12 @@ use super::{
     Admin, Config, ConfigErrors, CredentialSource, Handshake, HostPort, Listen, ListenAddress,
     LogFormat, Protocol, Shutdown, Upstream,
 };
+use crate::credentials::aws_iam::{self, AwsIamSource};
 use crate::credentials::exec::ExecSource;
 use crate::credentials::{Credentials, DownstreamPassword};
 use crate::dead_peer::DeadPeer;
 use crate::discovery::{Discovery, Resolver};
-use crate::refresh::Schedule;
+use crate::refresh::{Fetcher, Schedule};
 use crate::tls::Tls;
 use std::sync::Arc;
 
@@ -57,9 +58,18 @@ pub(super) fn validate(
             e.add("credentials.max_session_age", "must be at least 1s");
             None
         }
+        // An IAM-authenticated connection is closed by the server after 12 hours unless it
+        // authenticates again: 11 hours leaves room.
+        None if raw.credentials.source.as_deref() == Some("aws-iam")
+            && raw.credentials.reauth_open_sessions != Some(false) =>
+        {
+            Some(Duration::from_secs(11 * 3600))
+        }
         other => other,
     };
-    if max_session_age.is_some() && raw.credentials.reauth_open_sessions == Some(false) {
+    if raw.credentials.max_session_age.is_some()
+        && raw.credentials.reauth_open_sessions == Some(false)
+    {
         e.add(
             "credentials.max_session_age",
             "not with credentials.reauth_open_sessions = false",
@@ -256,20 +266,20 @@ fn credentials(
     skip_command: bool,
     errors: &mut ConfigErrors,
 ) -> Option<(CredentialSource, Credentials)> {
+    if raw.aws_iam.is_some() && raw.source.as_deref() != Some("aws-iam") {
+        errors.add(
+            "credentials.aws_iam",
+            "only with credentials.source = \"aws-iam\"",
+        );
+    }
     match raw.source.as_deref() {
         None | Some("file") => file_credentials(raw, errors),
         Some("exec") => exec_credentials(raw, skip_command, errors),
-        Some("aws-iam") => {
-            errors.add(
-                "credentials.source",
-                "\"aws-iam\" is not supported by this version; use \"file\" or \"exec\"",
-            );
-            None
-        }
+        Some("aws-iam") => aws_iam_credentials(raw, skip_command, errors),
         Some(other) => {
             errors.add(
                 "credentials.source",
-                format!("expected \"file\" or \"exec\", got {other:?}"),
+                format!("expected \"file\", \"exec\" or \"aws-iam\", got {other:?}"),
             );
             None
         }
@@ -345,11 +355,11 @@ fn exec_credentials(
         }
         other => other,
     };
-    let source = ExecSource {
+    let source = Fetcher::Exec(ExecSource {
         command: command?,
         timeout,
         default_username: raw.username.clone(),
-    };
+    });
     let schedule = Schedule {
         margin: raw.refresh_margin,
         interval,
@@ -364,9 +374,88 @@ fn exec_credentials(
     Some((CredentialSource::Exec { source, schedule }, fetched))
 }
 
-/// [`ExecSource::fetch`] from synchronous code, inside a runtime or not: on a thread of its
+/// `source = "aws-iam"`: the keys of `[credentials.aws_iam]`, and a first token.
+fn aws_iam_credentials(
+    raw: &RawCredentials,
+    skip_command: bool,
+    errors: &mut ConfigErrors,
+) -> Option<(CredentialSource, Credentials)> {
+    let not_here = [
+        ("credentials.file", raw.file.is_some()),
+        ("credentials.command", raw.command.is_some()),
+        ("credentials.command_timeout", raw.command_timeout.is_some()),
+        (
+            "credentials.refresh_interval",
+            raw.refresh_interval.is_some(),
+        ),
+    ];
+    for (key, set) in not_here {
+        if set {
+            errors.add(key, "not with credentials.source = \"aws-iam\"");
+        }
+    }
+    let plain = "letters, digits, - and _ only";
+    let user = match raw.username.as_deref() {
+        Some(u) if aws_iam::plain_name(u) => Some(u.to_owned()),
+        Some(_) => {
+            errors.add("credentials.username", plain);
+            None
+        }
+        None => {
+            errors.add(
+                "credentials.username",
+                "missing: the ElastiCache / MemoryDB user id (with credentials.source = \"aws-iam\")",
+            );
+            None
+        }
+    };
+    let iam = raw.aws_iam.as_ref();
+    let cache_name = match iam.and_then(|i| i.cache_name.as_deref()) {
+        Some(c) if aws_iam::plain_name(c) => Some(c.to_owned()),
+        Some(_) => {
+            errors.add("credentials.aws_iam.cache_name", plain);
+            None
+        }
+        None => {
+            errors.add("credentials.aws_iam.cache_name", "missing");
+            None
+        }
+    };
+    let service = match iam.and_then(|i| i.service.as_deref()) {
+        None | Some("elasticache") => "elasticache",
+        Some("memorydb") => "memorydb",
+        Some(other) => {
+            errors.add(
+                "credentials.aws_iam.service",
+                format!("expected \"elasticache\" or \"memorydb\", got {other:?}"),
+            );
+            "elasticache"
+        }
+    };
+    let source = Fetcher::AwsIam(AwsIamSource {
+        cache_name: cache_name?,
+        user: user?,
+        region: iam.and_then(|i| i.region.clone()),
+        service: service.to_owned(),
+        serverless: iam.and_then(|i| i.serverless).unwrap_or(false),
+    });
+    let schedule = Schedule {
+        margin: raw.refresh_margin,
+        interval: None,
+    };
+    if skip_command {
+        let placeholder = Credentials::new(raw.username.clone(), String::new().into());
+        return Some((CredentialSource::Exec { source, schedule }, placeholder));
+    }
+    let fetched = run_once(&source)
+        .map_err(|e| errors.add("credentials.aws_iam", e))
+        .ok()?;
+    Some((CredentialSource::Exec { source, schedule }, fetched))
+}
+
+/// [`Fetcher::fetch`] from synchronous code, inside a runtime or not: on a thread of its
 /// own, with a runtime of its own.
-fn run_once(source: &ExecSource) -> Result<Credentials, String> {
+fn run_once(source: &Fetcher) -> Result<Credentials, String> {
     let source = source.clone();
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -375,7 +464,7 @@ fn run_once(source: &ExecSource) -> Result<Credentials, String> {
             .map_err(|e| format!("cannot start a runtime to run it: {e}"))?;
         match runtime.block_on(source.fetch()) {
             Ok(fetched) => Ok(fetched.credentials),
-            Err((e, stderr)) if stderr.is_empty() => Err(e.to_string()),
+            Err((e, stderr)) if stderr.is_empty() => Err(e),
             Err((e, stderr)) => Err(format!("{e} (stderr: {stderr})")),
         }
     })

@@ -36,8 +36,25 @@ pub fn ambassador_command(cwd: &Path, args: &[&str]) -> Command {
 
 impl Binary {
     pub fn start(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Binary {
-        let mut child = ambassador_command(cwd, args)
-            .envs(env.iter().copied())
+        let mut command = ambassador_command(cwd, args);
+        command.envs(env.iter().copied());
+        Self::spawn(command)
+    }
+
+    /// [`start`](Self::start) with nothing of the test's own environment but `env` (and
+    /// `RUST_LOG`): for the AWS SDK's credential chain, which must see only what the test
+    /// gives it.
+    pub fn start_isolated(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Binary {
+        let mut command = ambassador_command(cwd, args);
+        command
+            .env_clear()
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied());
+        Self::spawn(command)
+    }
+
+    fn spawn(mut command: Command) -> Binary {
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
