@@ -366,3 +366,62 @@ async fn sessions_re_authenticate_at_their_maximum_age() {
     drop(session);
     amb.stop().await;
 }
+
+/// The 12-hour rule of IAM-authenticated connections, shortened to a second: an idle session,
+/// one busy with pipelines and one inside MULTI all re-authenticate, and not one reply is lost
+/// or given to the wrong command.
+#[tokio::test]
+async fn idle_pipelined_and_transaction_sessions_all_reach_their_maximum_age_intact() {
+    let server = RedisServer::start(ServerAuth::app());
+    let amb = Ambassador::start(&server, &format!("max_session_age = \"1s\"\n{NO_PROBES}")).await;
+    let mut idle = amb.connect().await;
+    let mut busy = amb.connect().await;
+    let mut transaction = amb.connect().await;
+    for s in [&mut idle, &mut busy, &mut transaction] {
+        assert_eq!(s.cmd(&["PING"]).await, simple("PONG"));
+    }
+    assert_eq!(transaction.cmd(&["MULTI"]).await, simple("OK"));
+    assert_eq!(
+        transaction.cmd(&["INCR", "in-multi"]).await,
+        simple("QUEUED")
+    );
+    // Pipelines of 20 INCRs for 2.5 s, across the age: every reply is the next number.
+    let started = std::time::Instant::now();
+    let mut expected = 0i64;
+    while started.elapsed() < std::time::Duration::from_millis(2500) {
+        let mut batch = Vec::new();
+        for _ in 0..20 {
+            batch.extend(command(&["INCR", "busy"]));
+        }
+        busy.send(&batch).await;
+        for _ in 0..20 {
+            expected += 1;
+            assert_eq!(busy.reply().await, int(expected));
+        }
+    }
+    // The transaction waited across the age: EXEC answers its own queued command.
+    assert_eq!(
+        transaction.cmd(&["EXEC"]).await,
+        OwnedFrame::Array {
+            data: vec![int(1)],
+            attributes: None
+        }
+    );
+    assert_eq!(
+        idle.cmd(&["GET", "busy"]).await,
+        bulk(expected.to_string().as_bytes())
+    );
+    // Re-authentications happened (the busy and idle sessions passed the age twice; the
+    // transaction only once its MULTI was over), none inside the pipelines or the MULTI.
+    wait_until("three sessions re-authenticated", DEADLINE, || async {
+        amb.metric("ambassador_session_reauth_total", ("result", "ok"))
+            .await
+            >= Some(3.0)
+    })
+    .await;
+    for s in [&mut idle, &mut busy, &mut transaction] {
+        assert_eq!(s.cmd(&["PING"]).await, simple("PONG"));
+    }
+    drop((idle, busy, transaction));
+    amb.stop().await;
+}
