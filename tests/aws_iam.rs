@@ -88,13 +88,9 @@ fn fenced(dir: &Path) -> Vec<(&'static str, String)> {
     ]
 }
 
-fn start(dir: &Path, env: &[(&'static str, String)]) -> Binary {
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    Binary::start_isolated(dir, &[], &env)
-}
-
-#[tokio::test]
-async fn a_token_signed_with_environment_credentials_is_accepted_by_redis() {
+/// A server accepting the tokens of the test's keys in eu-west-1, a profile for it, and a
+/// fenced environment holding those keys.
+async fn with_environment_keys() -> (RedisServer, tempfile::TempDir, Vec<(&'static str, String)>) {
     let server = RedisServer::start(ServerAuth::app());
     accept_tokens(&server, KEY_ID, SECRET, "eu-west-1", 30).await;
     let dir = tempfile::tempdir().unwrap();
@@ -102,6 +98,17 @@ async fn a_token_signed_with_environment_credentials_is_accepted_by_redis() {
     let mut env = fenced(dir.path());
     env.push(("AWS_ACCESS_KEY_ID", KEY_ID.into()));
     env.push(("AWS_SECRET_ACCESS_KEY", SECRET.into()));
+    (server, dir, env)
+}
+
+fn start(dir: &Path, env: &[(&'static str, String)]) -> Binary {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    Binary::start_isolated(dir, &[], &env)
+}
+
+#[tokio::test]
+async fn a_token_signed_with_environment_credentials_is_accepted_by_redis() {
+    let (_server, dir, env) = with_environment_keys().await;
     let bin = start(dir.path(), &env);
     let warned = bin
         .startup_lines
@@ -155,13 +162,7 @@ async fn credentials_and_region_from_a_named_profile_in_the_shared_files() {
 
 #[tokio::test]
 async fn check_names_the_source_and_expiry_and_never_the_token() {
-    let server = RedisServer::start(ServerAuth::app());
-    accept_tokens(&server, KEY_ID, SECRET, "eu-west-1", 30).await;
-    let dir = tempfile::tempdir().unwrap();
-    profile(dir.path(), &server, "region = \"eu-west-1\"\n");
-    let mut env = fenced(dir.path());
-    env.push(("AWS_ACCESS_KEY_ID", KEY_ID.into()));
-    env.push(("AWS_SECRET_ACCESS_KEY", SECRET.into()));
+    let (_server, dir, env) = with_environment_keys().await;
     let output = ambassador_command(dir.path(), &["--check"])
         .env_clear()
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
