@@ -109,6 +109,13 @@ pub async fn run_with(
         idle_timeout: config.listen.idle_timeout,
         metrics: Arc::clone(&metrics),
         pool: Arc::new(pool::Pool::new(config.upstream.pool_size)),
+        aws_iam: match &config.credentials_source {
+            config::CredentialSource::Exec {
+                source: refresh::Fetcher::AwsIam(source),
+                ..
+            } => Some(source.clone()),
+            _ => None,
+        },
     });
     let admin_address = admin
         .as_ref()

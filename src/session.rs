@@ -11,6 +11,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::config::{Handshake, Protocol, Upstream};
+use crate::credentials::aws_iam::AwsIamSource;
 use crate::credentials::{CredentialStore, Credentials, DownstreamPassword};
 use crate::dead_peer;
 use crate::discovery::Discovery;
@@ -32,6 +33,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Ready upstream connections (`upstream.pool_size`), filled by a task of its own.
     pub pool: Arc<Pool>,
+    /// `credentials.source = "aws-iam"`: each new connection gets a token signed for it.
+    pub aws_iam: Option<AwsIamSource>,
 }
 
 impl Shared {
@@ -45,6 +48,10 @@ impl Shared {
         if self.upstream.pool_size > 0 {
             self.metrics.pool_taken("none");
         }
+        // A token signed for this connection: one signed earlier may be near its end, or
+        // outlive the temporary AWS credentials that signed it.
+        let fresh = self.aws_iam.as_ref().and_then(AwsIamSource::sign_now);
+        let credentials = fresh.as_ref().unwrap_or(credentials);
         upstream::open(&self.upstream, credentials, &self.handshake).await
     }
 }

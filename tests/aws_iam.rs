@@ -24,6 +24,7 @@ fn source(region: &str) -> (AwsIamSource, String) {
         region: None,
         service: "elasticache".into(),
         serverless: false,
+        last: Default::default(),
     };
     (source, region.to_owned())
 }
@@ -31,9 +32,21 @@ fn source(region: &str) -> (AwsIamSource, String) {
 /// Gives `IAM_USER` on `server` every token signed with `key`/`secret` in `region` for each
 /// second from 2 s ago to `ahead` from now.
 async fn accept_tokens(server: &RedisServer, key: &str, secret: &str, region: &str, ahead: u64) {
+    let from = SystemTime::now() - Duration::from_secs(2);
+    accept_tokens_from(server, key, secret, region, from, ahead + 2).await;
+}
+
+/// Gives `IAM_USER` on `server` the tokens for each of `seconds` seconds from `from`.
+async fn accept_tokens_from(
+    server: &RedisServer,
+    key: &str,
+    secret: &str,
+    region: &str,
+    from: SystemTime,
+    seconds: u64,
+) {
     let (source, region) = source(region);
     let keys = aws_credential_types::Credentials::new(key, secret, None, None, "test");
-    let now = SystemTime::now();
     let mut args = vec![
         "ACL".to_owned(),
         "SETUSER".to_owned(),
@@ -43,8 +56,8 @@ async fn accept_tokens(server: &RedisServer, key: &str, secret: &str, region: &s
         "&*".to_owned(),
         "+@all".to_owned(),
     ];
-    for offset in 0..(ahead + 2) {
-        let at = now - Duration::from_secs(2) + Duration::from_secs(offset);
+    for offset in 0..seconds {
+        let at = from + Duration::from_secs(offset);
         let token = source.token(&keys, &region, at).unwrap();
         args.push(format!(">{token}"));
     }
@@ -124,6 +137,29 @@ async fn a_token_signed_with_environment_credentials_is_accepted_by_redis() {
     // The token is nowhere in the log.
     let log = bin.startup_lines.join("\n");
     assert!(!log.contains("X-Amz-Signature"), "{log}");
+}
+
+#[tokio::test]
+async fn each_new_connection_gets_a_token_signed_for_it() {
+    let server = RedisServer::start(ServerAuth::app());
+    // Only tokens signed from 3 s after now: not the one signed at start.
+    let later = SystemTime::now() + Duration::from_secs(3);
+    accept_tokens_from(&server, KEY_ID, SECRET, "eu-west-1", later, 30).await;
+    let dir = tempfile::tempdir().unwrap();
+    profile(dir.path(), &server, "region = \"eu-west-1\"\n");
+    let mut env = fenced(dir.path());
+    env.push(("AWS_ACCESS_KEY_ID", KEY_ID.into()));
+    env.push(("AWS_SECRET_ACCESS_KEY", SECRET.into()));
+    let bin = start(dir.path(), &env);
+    // Waiting for the clock, not for the ambassador: the tokens accepted start then.
+    if let Ok(left) = later.duration_since(SystemTime::now()) {
+        tokio::time::sleep(left + Duration::from_millis(100)).await;
+    }
+    let mut client = Raw::connect(&bin.addr).await;
+    assert_eq!(
+        client.cmd(&["ACL", "WHOAMI"]).await,
+        bulk(IAM_USER.as_bytes())
+    );
 }
 
 #[tokio::test]

@@ -438,6 +438,7 @@ fn aws_iam_credentials(
         region: iam.and_then(|i| i.region.clone()),
         service: service.to_owned(),
         serverless: iam.and_then(|i| i.serverless).unwrap_or(false),
+        last: Default::default(),
     });
     let schedule = Schedule {
         margin: raw.refresh_margin,

@@ -7,6 +7,7 @@
 //! credentials that signed it (temporary ones die with their session): the refresher signs
 //! a new one before that ([`crate::refresh`]).
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use aws_config::BehaviorVersion;
@@ -36,6 +37,9 @@ pub struct AwsIamSource {
     /// `elasticache` or `memorydb`.
     pub service: String,
     pub serverless: bool,
+    /// The AWS credentials and region of the last fetch, shared by every clone, so that a
+    /// new connection gets a token signed for it ([`AwsIamSource::sign_now`]).
+    pub last: Arc<Mutex<Option<(aws_credential_types::Credentials, String)>>>,
 }
 
 /// Why no token could be made. Never carries a key or a token.
@@ -65,8 +69,33 @@ impl AwsIamSource {
             .provide_credentials()
             .await
             .map_err(|e| AwsIamError::Chain(chain_reason(&e)))?;
+        let credentials = self.signed(&keys, &region, SystemTime::now())?;
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((keys, region));
+        Ok(credentials)
+    }
+
+    /// A token signed now with the AWS credentials of the last fetch, for one new
+    /// connection; `None` before the first fetch or once those credentials expired (the
+    /// caller uses the refreshed token in the store).
+    pub fn sign_now(&self) -> Option<Credentials> {
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let (keys, region) = last.as_ref()?;
         let now = SystemTime::now();
-        let token = self.token(&keys, &region, now)?;
+        if keys.expiry().is_some_and(|e| e <= now) {
+            return None;
+        }
+        self.signed(keys, region, now).ok()
+    }
+
+    /// The token as credentials for `AUTH <user> <token>`, expiring with the token or the
+    /// AWS credentials, whichever is first.
+    fn signed(
+        &self,
+        keys: &aws_credential_types::Credentials,
+        region: &str,
+        now: SystemTime,
+    ) -> Result<Credentials, AwsIamError> {
+        let token = self.token(keys, region, now)?;
         let valid_until = now + TOKEN_LIFETIME;
         let expires_at = keys.expiry().map_or(valid_until, |e| e.min(valid_until));
         let mut credentials = Credentials::new(Some(self.user.clone()), SecretString::from(token));
@@ -166,6 +195,7 @@ mod tests {
                 region: None,
                 service: s("service"),
                 serverless: v["serverless"].as_bool().unwrap(),
+                last: Default::default(),
             };
             let keys = aws_credential_types::Credentials::new(
                 s("access_key_id"),
