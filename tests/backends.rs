@@ -157,8 +157,11 @@ async fn tcp_mode_balances_an_http_service_over_two_backends() {
         assert_eq!(status, 200);
         *seen.entry(body).or_default() += 1;
     }
-    assert_eq!(seen.get("one"), Some(&10), "{seen:?}");
-    assert_eq!(seen.get("two"), Some(&10), "{seen:?}");
+    // Alternating, but for the probe's own connection, which takes a turn of the rotation.
+    for name in ["one", "two"] {
+        let n = seen.get(name).copied().unwrap_or(0);
+        assert!((9..=11).contains(&n), "{seen:?}");
+    }
 
     drop(one);
     wait_until("backend one unhealthy", DEADLINE, || async {
