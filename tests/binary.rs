@@ -517,3 +517,32 @@ async fn redis_cli_replica_follows_writes_through_the_ambassador() {
     replica.kill().unwrap();
     replica.wait().unwrap();
 }
+
+/// One `session closed` line per session at `info`, under the target
+/// `redis_ambassador::session`, so a connection-per-request application can turn those
+/// lines off with `RUST_LOG` and keep the rest.
+#[tokio::test]
+async fn per_session_lines_have_a_target_of_their_own() {
+    let server = RedisServer::start(ServerAuth::app());
+    let dir = tempfile::tempdir().unwrap();
+    write_profile(dir.path(), "prod", &server, &server.auth.credential_file());
+    for (filter, want_session_lines) in [
+        ("info", true),
+        ("info,redis_ambassador::session=warn", false),
+    ] {
+        let mut bin = Binary::start(dir.path(), &["--profile", "prod"], &[("RUST_LOG", filter)]);
+        for _ in 0..3 {
+            let mut c = Raw::connect(&bin.addr).await;
+            assert_eq!(c.cmd(&["PING"]).await, simple("PONG"));
+        }
+        bin.signal("TERM");
+        bin.wait_exit();
+        let log = bin.stderr_to_end();
+        assert_eq!(
+            log.contains("session closed"),
+            want_session_lines,
+            "{filter}: {log}"
+        );
+        assert!(log.contains("stopped"), "{filter}: {log}");
+    }
+}
