@@ -13,7 +13,7 @@
 # latency (redis-benchmark --csv), ratio to direct and to HAProxy, and the CPU seconds the
 # proxy process spent per million requests (utime + stime from /proc/<pid>/stat).
 # Then the RSS per idle session (N clients that each did one PING, held open; VmRSS of the
-# proxy before and after) for the ambassador and HAProxy, and (full only) the peak RSS
+# proxy before and after) for the ambassador and HAProxy, and (full and smoke) the peak RSS
 # (VmHWM) of each while a python client streams a 256 MiB SET through it.
 # Every run is bounded by -n and by timeout; only the processes started here are killed.
 set -euo pipefail
@@ -164,7 +164,7 @@ for _ in $(seq 100); do
 done
 echo "  haproxy     $(idle_per_session haproxy "$hap_port" "$hap_pid" bench bench-pass)"
 
-if [ "$mode" = full ]; then
+if [ "$mode" = full ] || [ "$mode" = smoke ]; then
   cat > "$work/big.py" <<'EOT'
 import socket, sys
 port, auth = int(sys.argv[1]), sys.argv[2:]
@@ -186,10 +186,11 @@ while len(got) < len(want):
 assert got == want, got
 EOT
   echo
-  echo "Peak RSS while relaying one 256 MiB SET (VmHWM before -> after):"
+  echo "Peak RSS while relaying one 256 MiB SET (VmRSS before -> VmHWM after; the peak is reset first):"
   for p in "ambassador $amb_port $amb_pid" "haproxy $hap_port $hap_pid"; do
     read -r name port pid <<<"$p"
-    before=$(rss_kib "$pid" VmHWM)
+    echo 5 > "/proc/$pid/clear_refs"  # resets VmHWM to the current RSS
+    before=$(rss_kib "$pid" VmRSS)
     if [ "$name" = ambassador ]; then timeout 120 python3 "$work/big.py" "$port"; else timeout 120 python3 "$work/big.py" "$port" bench bench-pass; fi
     echo "  $name  $before -> $(rss_kib "$pid" VmHWM) KiB"
   done
