@@ -11,7 +11,8 @@
 # Per workload, every round runs direct, ambassador and HAProxy back to back in an order that
 # rotates from round to round; the table shows medians of the rounds: requests/s, p50 and p99
 # latency (redis-benchmark --csv), ratio to direct and to HAProxy, and the CPU seconds the
-# proxy process spent per million requests (utime + stime from /proc/<pid>/stat).
+# proxy process spent per million requests (utime + stime from /proc/<pid>/stat, summed over
+# the rounds).
 # Then the RSS per idle session (N clients that each did one PING, held open; VmRSS of the
 # proxy before and after) for the ambassador and HAProxy, and (full and smoke) the peak RSS
 # (VmHWM) of each while a python client streams a 256 MiB SET through it.
@@ -256,12 +257,14 @@ data = collections.OrderedDict()
 for line in open(path):
     name, rnd, runner, n, result, ticks = line.rstrip("\n").split("|")
     rps, p50, p99 = map(float, result.split())
-    cpu = int(ticks) / hz / (int(n) / 1e6) if runner != "direct" else math.nan
-    data.setdefault(name, collections.defaultdict(list))[runner].append((rps, p50, p99, cpu))
+    data.setdefault(name, collections.defaultdict(list))[runner].append((rps, p50, p99, int(ticks), int(n)))
 med = lambda xs: statistics.median(xs) if xs else math.nan
-print("\nmedians of the rounds; TLS rows: TLS from the client (direct) or the proxy to Redis")
+print("\nmedians of the rounds (CPU: the sum over the rounds, as clock ticks are coarse)")
 for name, by in data.items():
-    m = {r: [med([v[i] for v in vs]) for i in range(4)] for r, vs in by.items()}
+    m = {}
+    for r, vs in by.items():
+        cpu = sum(v[3] for v in vs) / hz / (sum(v[4] for v in vs) / 1e6) if r != "direct" else math.nan
+        m[r] = [med([v[i] for v in vs]) for i in range(3)] + [cpu]
     print(f"\n{name}")
     print(f"  {'':11} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'/direct':>7} {'/haproxy':>8} {'CPU s/M req':>11}")
     for r in ("direct", "ambassador", "haproxy"):
