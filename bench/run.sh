@@ -29,8 +29,8 @@ esac
 . bench/lib.sh
 require_tools redis-server redis-cli redis-benchmark openssl python3 haproxy timeout
 ulimit -n "$(ulimit -Hn)"
-# The ambassador holds two descriptors per idle session.
-max_idle=$(( ($(ulimit -n) - 300) / 2 ))
+# A proxy holds two descriptors per idle session (HAProxy asks for 2 x maxconn + some).
+max_idle=$(( ($(ulimit -n) - 400) / 2 ))
 [ "$idle" -le "$max_idle" ] || { echo "fd limit $(ulimit -n): $max_idle idle sessions instead of $idle" >&2; idle=$max_idle; }
 start_scratch
 
@@ -79,7 +79,7 @@ hap_port=$(free_port)
 hap_tls_port=$(free_port)
 cat > "$work/haproxy.cfg" <<EOT
 global
-  maxconn $((idle + 200))
+  maxconn $((idle + 50))
 defaults
   mode tcp
   timeout connect 5s
@@ -103,7 +103,8 @@ wait_pong() { # redis-cli args...
     redis-cli --no-auth-warning "$@" PING 2>/dev/null | grep -q PONG && return 0
     sleep 0.1
   done
-  echo "no PONG from: redis-cli $*" >&2; exit 1
+  echo "no PONG from: redis-cli $*" >&2
+  tail -n 5 "$work"/*.log >&2; exit 1
 }
 wait_pong -p "$redis_port" "${auth[@]}"
 wait_pong -p "$tls_port" "${tls_client[@]}" "${auth[@]}"
