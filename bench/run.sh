@@ -156,16 +156,6 @@ idle_per_session() { # name, port, pid, [auth...]: prints KiB per idle session
 }
 echo "redis $(redis-server --version | grep -o 'v=[^ ]*'), $(haproxy -v | head -1 | cut -d' ' -f1-3), $(nproc) cores shared by every process; mode $mode: $rounds rounds"
 echo "ambassador: $ambassador_bin"
-echo
-echo "RSS per idle session ($idle clients that each did one PING, held open):"
-echo "  ambassador  $(idle_per_session ambassador "$amb_port" "$amb_pid")"
-# Wait for Redis to see the ambassador's upstream connections close before HAProxy's turn.
-for _ in $(seq 100); do
-  n=$(redis-cli --no-auth-warning -p "$redis_port" "${auth[@]}" INFO clients | awk -F: '/^connected_clients/ { print $2+0 }')
-  [ "$n" -lt 10 ] && break; sleep 0.1
-done
-echo "  haproxy     $(idle_per_session haproxy "$hap_port" "$hap_pid" bench bench-pass)"
-
 if [ "$mode" = full ] || [ "$mode" = smoke ]; then
   cat > "$work/big.py" <<'EOT'
 import socket, sys
@@ -197,6 +187,16 @@ EOT
     echo "  $name  $before -> $(rss_kib "$pid" VmHWM) KiB"
   done
 fi
+
+echo
+echo "RSS per idle session ($idle clients that each did one PING, held open):"
+echo "  ambassador  $(idle_per_session ambassador "$amb_port" "$amb_pid")"
+# Wait for Redis to see the ambassador's upstream connections close before HAProxy's turn.
+for _ in $(seq 100); do
+  n=$(redis-cli --no-auth-warning -p "$redis_port" "${auth[@]}" INFO clients | awk -F: '/^connected_clients/ { print $2+0 }')
+  [ "$n" -lt 10 ] && break; sleep 0.1
+done
+echo "  haproxy     $(idle_per_session haproxy "$hap_port" "$hap_pid" bench bench-pass)"
 
 # --- throughput and latency ---
 rb() { # out, n, redis-benchmark args...: appends "rps p50 p99"
