@@ -250,14 +250,14 @@ async fn check_shows_the_source_and_expiry_and_keys_are_validated() {
         (
             "source = \"exec\"",
             "source = \"aws-iam\"",
-            "credentials.source",
-            "not supported by this version",
+            "credentials.command",
+            "not with credentials.source = \"aws-iam\"",
         ),
         (
             "source = \"exec\"",
             "source = \"vault\"",
             "credentials.source",
-            "expected \"file\" or \"exec\"",
+            "expected \"file\", \"exec\" or \"aws-iam\"",
         ),
         (
             "command = [",
