@@ -242,11 +242,8 @@ async fn a_client_that_vanishes_releases_its_upstream_connection() {
             .expect("spawn redis-cli in the namespace"),
     );
     wait_blocked_clients(&server, 1).await;
-    assert_eq!(
-        client_count(&mut observer).await,
-        2,
-        "observer and the session"
-    );
+    // The start-up probe's own connection may not be gone yet on a loaded machine.
+    wait_for_clients(&mut observer, 2, DEADLINE, "observer and the session").await;
 
     ns.cut();
     wait_for_clients(
