@@ -89,7 +89,7 @@ pub async fn run_with(
     {
         tracing::warn!("{}", tls::INSECURE_WARNING);
     }
-    if let config::CredentialSource::Exec {
+    if let config::CredentialSource::Refreshed {
         source: refresh::Fetcher::AwsIam(_),
         ..
     } = &config.credentials_source
@@ -110,7 +110,7 @@ pub async fn run_with(
         metrics: Arc::clone(&metrics),
         pool: Arc::new(pool::Pool::new(config.upstream.pool_size)),
         aws_iam: match &config.credentials_source {
-            config::CredentialSource::Exec {
+            config::CredentialSource::Refreshed {
                 source: refresh::Fetcher::AwsIam(source),
                 ..
             } => Some(source.clone()),
@@ -200,7 +200,7 @@ pub async fn run_with(
             .run(background.clone());
             spawn_caught(&helpers, "reloader", &metrics, reloading);
         }
-        config::CredentialSource::Exec { source, schedule } => {
+        config::CredentialSource::Refreshed { source, schedule } => {
             let refreshing = refresh::Refresher {
                 source,
                 schedule,

@@ -6,14 +6,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis_protocol::resp2::decode::decode;
 use redis_protocol::resp2::types::OwnedFrame;
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Handshake, Upstream, UpstreamExpect};
 use crate::credentials::{CredentialStore, Credentials};
+use crate::handshake::{self, HandshakeError};
 use crate::metrics::Metrics;
 use crate::upstream::{self, EstablishError};
 
@@ -74,26 +74,21 @@ pub async fn probe(
             .write_all(b"*2\r\n$3\r\nACL\r\n$6\r\nWHOAMI\r\n*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n")
             .await?;
         let mut buf = Vec::new();
-        let mut replies = Vec::new();
-        while replies.len() < 2 {
-            match decode(&buf) {
-                Ok(Some((frame, used))) => {
-                    buf.drain(..used);
-                    replies.push(frame);
-                }
-                Ok(None) if stream.read_buf(&mut buf).await? == 0 => {
-                    return Err(std::io::Error::other("upstream closed the connection"));
-                }
-                Ok(None) => {}
-                Err(_) => return Err(std::io::Error::other("malformed reply")),
-            }
-        }
-        Ok(replies)
+        let whoami = handshake::read_frame(&mut stream, &mut buf).await?;
+        let info = handshake::read_frame(&mut stream, &mut buf).await?;
+        Ok::<_, HandshakeError>([whoami, info])
     };
     let replies = tokio::time::timeout(limit, exchange)
         .await
         .map_err(|_| ProbeError::Io(format!("no answer within {limit:?}")))?
-        .map_err(|e| ProbeError::Io(e.to_string()))?;
+        .map_err(|e| {
+            ProbeError::Io(match e {
+                HandshakeError::Closed => "upstream closed the connection".to_owned(),
+                HandshakeError::Malformed => "malformed reply".to_owned(),
+                HandshakeError::Io(e) => e.to_string(),
+                other => other.to_string(),
+            })
+        })?;
     let whoami = match &replies[0] {
         OwnedFrame::BulkString(b) | OwnedFrame::SimpleString(b) => {
             String::from_utf8_lossy(b).into_owned()

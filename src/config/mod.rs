@@ -71,8 +71,8 @@ pub enum CredentialSource {
     None,
     /// This file, read again when it changes.
     File(PathBuf),
-    /// What a command prints, run again before it expires.
-    Exec { source: Fetcher, schedule: Schedule },
+    /// What a command prints or an AWS IAM token, fetched again before it expires.
+    Refreshed { source: Fetcher, schedule: Schedule },
 }
 
 #[derive(Debug, Clone)]
@@ -345,10 +345,10 @@ impl Config {
             match &self.credentials_source {
                 CredentialSource::None => "nowhere (TCP mode)".to_owned(),
                 CredentialSource::File(path) => format!("file {}", path.display()),
-                CredentialSource::Exec { source, .. } => source.describe(),
+                CredentialSource::Refreshed { source, .. } => source.describe(),
             },
         );
-        if let CredentialSource::Exec { .. } = &self.credentials_source {
+        if let CredentialSource::Refreshed { .. } = &self.credentials_source {
             let expires = self.credentials.expires_at().map(format_time);
             s.push_str(&format!(
                 "\ncredentials expire: {}",

@@ -366,12 +366,15 @@ fn exec_credentials(
     };
     if skip_command {
         let placeholder = Credentials::new(raw.username.clone(), String::new().into());
-        return Some((CredentialSource::Exec { source, schedule }, placeholder));
+        return Some((
+            CredentialSource::Refreshed { source, schedule },
+            placeholder,
+        ));
     }
     let fetched = run_once(&source)
         .map_err(|e| errors.add("credentials.command", e))
         .ok()?;
-    Some((CredentialSource::Exec { source, schedule }, fetched))
+    Some((CredentialSource::Refreshed { source, schedule }, fetched))
 }
 
 /// `source = "aws-iam"`: the keys of `[credentials.aws_iam]`, and a first token.
@@ -446,12 +449,15 @@ fn aws_iam_credentials(
     };
     if skip_command {
         let placeholder = Credentials::new(raw.username.clone(), String::new().into());
-        return Some((CredentialSource::Exec { source, schedule }, placeholder));
+        return Some((
+            CredentialSource::Refreshed { source, schedule },
+            placeholder,
+        ));
     }
     let fetched = run_once(&source)
         .map_err(|e| errors.add("credentials.aws_iam", e))
         .ok()?;
-    Some((CredentialSource::Exec { source, schedule }, fetched))
+    Some((CredentialSource::Refreshed { source, schedule }, fetched))
 }
 
 /// [`Fetcher::fetch`] from synchronous code, inside a runtime or not: on a thread of its
