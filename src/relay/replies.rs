@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::frames::{Class, Mode};
 use super::Moves;
 use super::{
-    io_err, Activity, Close, Context, Expect, Expectations, RelayError, AUTH_FAILED, CHUNK,
+    io_err, Activity, Close, Context, Expect, Expectations, RelayError, Sizing, AUTH_FAILED,
 };
 use crate::resp::{Boundary, Frame, ReplyFramer};
 
@@ -88,7 +88,8 @@ where
     }
 
     async fn pump(&mut self) -> Result<Close, RelayError> {
-        let mut chunk = BytesMut::with_capacity(CHUNK);
+        let mut chunk = BytesMut::new();
+        let mut sizing = Sizing::default();
         loop {
             match self.settle().await? {
                 Head::Wait => {}
@@ -100,7 +101,7 @@ where
                 self.mode.quiet(),
             );
             chunk.clear();
-            chunk.reserve(CHUNK);
+            sizing.prepare(&mut chunk);
             tokio::select! {
                 // Expectations first: a reply can only be matched once its command is known.
                 biased;
@@ -108,9 +109,11 @@ where
                     self.expectations.take_into(&mut self.queue);
                 }
                 n = self.upstream.read_buf(&mut chunk) => {
-                    if self.upstream_ended(n)? {
-                        return Ok(Close::UpstreamClosed);
-                    }
+                    let n = match self.upstream_ended(n)? {
+                        None => return Ok(Close::UpstreamClosed),
+                        Some(n) => n,
+                    };
+                    sizing.read(n);
                     self.activity.touch();
                     // Busy until these bytes are relayed (see the loop's top).
                     self.expectations.rest.replies(false, false);
@@ -124,15 +127,15 @@ where
         }
     }
 
-    /// Whether a read from the upstream found its end. Redis sends no TLS `close_notify`
+    /// How many bytes a read from the upstream brought, `None` at its end. Redis sends no TLS `close_notify`
     /// when it closes after the client did (nor can a killed or crashed server), so over TLS
     /// such a close reads as rustls' `UnexpectedEof`. Replies delimit themselves: between two
     /// of them nothing was cut off, and the close is the one plain TCP would report. Inside
     /// a reply, the reply is truncated and that stays an error.
-    fn upstream_ended(&self, read: std::io::Result<usize>) -> Result<bool, RelayError> {
+    fn upstream_ended(&self, read: std::io::Result<usize>) -> Result<Option<usize>, RelayError> {
         match read {
-            Ok(n) => Ok(n == 0),
-            Err(e) if e.kind() == ErrorKind::UnexpectedEof && self.framer.at_boundary() => Ok(true),
+            Ok(n) => Ok((n > 0).then_some(n)),
+            Err(e) if e.kind() == ErrorKind::UnexpectedEof && self.framer.at_boundary() => Ok(None),
             Err(e) => Err(io_err("upstream")(e)),
         }
     }

@@ -9,7 +9,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{drain, io_err, Activity, Close, Context, Expect, Expectations, RelayError, CHUNK};
+use super::{drain, io_err, Activity, Close, Context, Expect, Expectations, RelayError, Sizing};
 use crate::credentials::{Arg, Credentials, SecretBytes, HELLO_AUTH};
 use crate::filter::{self, Action, Filter, HelloPart, Replies};
 use crate::handshake;
@@ -23,6 +23,7 @@ pub(super) struct Requests<'c, R, W> {
     ctx: &'c Context,
     credentials: watch::Receiver<Arc<Credentials>>,
     buf: BytesMut,
+    sizing: Sizing,
     framer: RequestFramer,
     filter: Filter,
     /// Whether the command being streamed is forwarded (or dropped, before authentication).
@@ -75,6 +76,7 @@ where
             ctx,
             credentials: ctx.credentials.clone(),
             buf,
+            sizing: Sizing::default(),
             // Redis's tighter limits for a connection that has not authenticated apply from
             // the first byte when the client must authenticate.
             framer: RequestFramer::new(ctx.downstream_password.is_none()),
@@ -126,7 +128,7 @@ where
             self.expectations
                 .rest
                 .requests(whole, whole && self.tracked && !self.filter.in_multi);
-            self.buf.reserve(CHUNK);
+            self.sizing.prepare(&mut self.buf);
             let watching = self.ctx.reauth_open_sessions && !self.reauth_due;
             let aging = self.reauth_at.filter(|_| !self.reauth_due);
             tokio::select! {
@@ -135,6 +137,7 @@ where
                     if n == 0 {
                         return Ok(Close::ClientClosed);
                     }
+                    self.sizing.read(n);
                     self.read.fetch_add(n as u64, Ordering::Relaxed);
                     self.activity.touch();
                     // Busy until this read is judged and forwarded (see the loop's top).
