@@ -2,7 +2,9 @@
 
 use std::io;
 use std::os::unix::fs::FileTypeExt;
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -178,8 +180,7 @@ pub async fn accept_loop(
                 metrics.clients_active.inc();
                 tokio::select! {
                     _ = kill.cancelled() => tracing::info!(reason = "Shutdown", "session closed"),
-                    // Boxed: passed by value, the session's future would be held twice.
-                    _ = crate::task::catching("session", &metrics, Box::pin(serve(stream, shared))) => {}
+                    _ = crate::task::catching("session", &metrics, serve(stream, shared)) => {}
                 }
                 metrics.clients_active.dec();
             }
@@ -293,9 +294,12 @@ async fn accept(listener: &Listener, dead_peer: &DeadPeer) -> io::Result<(Stream
     }
 }
 
-async fn serve(stream: Stream, shared: Arc<Shared>) {
+/// The session's future, boxed: passed by value it would be held twice, and one future
+/// with an arm per kind of socket would be as large as both (4 KiB each, not overlaid), on
+/// every idle session.
+fn serve(stream: Stream, shared: Arc<Shared>) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     match stream {
-        Stream::Tcp(s) => session::serve(s, shared).await,
-        Stream::Unix(s) => session::serve(s, shared).await,
+        Stream::Tcp(s) => Box::pin(session::serve(s, shared)),
+        Stream::Unix(s) => Box::pin(session::serve(s, shared)),
     }
 }
