@@ -1,8 +1,8 @@
 //! The accept loop: TCP or unix socket, the client limit, a span per connection.
 
+use std::future::Future;
 use std::io;
 use std::os::unix::fs::FileTypeExt;
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;

@@ -25,11 +25,13 @@ pub use moves::Moves;
 use moves::Rest;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use futures_util::task::AtomicWaker;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::{watch, Notify};
@@ -213,7 +215,10 @@ const MAX_LOCAL_BACKLOG: usize = 1024;
 #[derive(Default)]
 struct Expectations {
     queue: Mutex<VecDeque<Expect>>,
-    wake: Notify,
+    /// Set with each item that must wake the reply side; `waker` is the reply side's. (A
+    /// `Notify` registered and removed a waiter under its lock on every reply read.)
+    woken: AtomicBool,
+    waker: AtomicWaker,
     /// Local replies pushed and not yet written; the client side waits on `room` when full.
     locals: AtomicUsize,
     room: Notify,
@@ -229,8 +234,26 @@ impl Expectations {
         }
         self.lock().push_back(e);
         if wake {
-            self.wake.notify_one();
+            self.woken.store(true, Ordering::Release);
+            self.waker.wake();
         }
+    }
+
+    /// Completes once an item that wakes the reply side was pushed since the last time.
+    async fn pushed(&self) {
+        std::future::poll_fn(|cx| {
+            if self.woken.swap(false, Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            // Pushed between the check and the registration: its wake found no waker.
+            if self.woken.swap(false, Ordering::Acquire) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
     }
 
     /// Moves every item pushed so far to the end of `into`.
@@ -397,13 +420,32 @@ pub async fn drain<R: AsyncRead + Unpin>(client: &mut R) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::FutureExt;
+
+    #[test]
+    fn only_items_that_need_the_reply_side_wake_it_and_each_wakes_it_once() {
+        let e = Expectations::default();
+        assert!(e.pushed().now_or_never().is_none(), "nothing pushed");
+        e.push(Expect::Replies(3));
+        assert!(
+            e.pushed().now_or_never().is_none(),
+            "a count waits for its replies"
+        );
+        e.push(Expect::Local(b"+OK\r\n"));
+        assert!(e.pushed().now_or_never().is_some());
+        assert!(e.pushed().now_or_never().is_none(), "one push, one wake");
+    }
 
     #[test]
     fn a_quiet_side_reads_small_a_busy_one_in_chunks_and_goes_back() {
         let mut s = Sizing::default();
         let mut buf = BytesMut::new();
         s.prepare(&mut buf);
-        assert_eq!(buf.capacity(), SMALL, "an idle side waits with a small buffer");
+        assert_eq!(
+            buf.capacity(),
+            SMALL,
+            "an idle side waits with a small buffer"
+        );
         // A read that fills the room: more is waiting, the next read is a chunk.
         buf.extend_from_slice(&[b'x'; SMALL]);
         s.read(SMALL);
@@ -414,7 +456,10 @@ mod tests {
         buf.extend_from_slice(b"*1\r\n");
         s.read(4);
         s.prepare(&mut buf);
-        assert!(buf.capacity() >= CHUNK, "bytes still unused keep their buffer");
+        assert!(
+            buf.capacity() >= CHUNK,
+            "bytes still unused keep their buffer"
+        );
         // Used up: back to small.
         buf.clear();
         s.prepare(&mut buf);

@@ -105,7 +105,7 @@ where
             tokio::select! {
                 // Expectations first: a reply can only be matched once its command is known.
                 biased;
-                _ = self.expectations.wake.notified() => {
+                _ = self.expectations.pushed() => {
                     self.expectations.take_into(&mut self.queue);
                 }
                 n = self.upstream.read_buf(&mut chunk) => {
