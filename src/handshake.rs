@@ -1,6 +1,7 @@
 //! The ambassador's own commands on a new upstream connection: AUTH, then CLIENT SETNAME and
 //! SELECT when the profile asks, pipelined in one write and checked within a time limit. The
-//! same commands re-authenticate a session after the client's RESET.
+//! same commands re-authenticate a session after the client's RESET, and ready a connection
+//! a client left for the next one after the ambassador's own RESET ([`reset`]).
 
 use std::time::Duration;
 
@@ -140,6 +141,56 @@ where
         .await
         .map_err(|_| HandshakeError::Timeout(limit))?
 }
+
+/// Readies a connection a client left (`upstream.reuse`) for the next one: `RESET`, then
+/// the handshake a new connection gets, pipelined, within `limit`. Every reply must be
+/// what a healthy server answers a clean connection (`+RESET`, then `+OK` each) and nothing
+/// may follow them; anything else means the connection is not what the ambassador thinks,
+/// and it is not used again.
+pub async fn reset<S>(
+    stream: &mut S,
+    credentials: &Credentials,
+    settings: &Handshake,
+    limit: Duration,
+) -> Result<(), HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let cmds = commands(credentials, settings);
+    let exchange = async {
+        // Two writes rather than a copy of the password; pipelined all the same.
+        stream.write_all(RESET).await?;
+        stream.write_all(&cmds.bytes).await?;
+        let mut buf = Vec::with_capacity(256);
+        match read_frame(stream, &mut buf).await? {
+            OwnedFrame::SimpleString(s) if s == b"RESET" => {}
+            OwnedFrame::Error(reason) => {
+                return Err(HandshakeError::Rejected {
+                    command: "RESET",
+                    reason,
+                })
+            }
+            _ => return Err(HandshakeError::Malformed),
+        }
+        for index in 0..cmds.names.len() {
+            let reply = match read_frame(stream, &mut buf).await? {
+                OwnedFrame::SimpleString(s) if s == b"OK" => Ok(()),
+                OwnedFrame::Error(e) => Err(e),
+                _ => return Err(HandshakeError::Malformed),
+            };
+            check_reply(&cmds, index, credentials.username(), reply)?;
+        }
+        if !buf.is_empty() {
+            return Err(HandshakeError::Malformed);
+        }
+        Ok(())
+    };
+    tokio::time::timeout(limit, exchange)
+        .await
+        .map_err(|_| HandshakeError::Timeout(limit))?
+}
+
+const RESET: &[u8] = b"*1\r\n$5\r\nRESET\r\n";
 
 /// `ROLE`'s first element must be `master`. A user not allowed `ROLE` cannot confirm, and
 /// is taken at Sentinel's word.

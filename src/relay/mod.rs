@@ -25,6 +25,7 @@ pub use moves::Moves;
 use moves::Rest;
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -64,6 +65,9 @@ pub struct Context {
     /// Discovery's view of this session's upstream: when it is no longer the target, the
     /// session ends at an idle point. `None`: the upstream never moves.
     pub moves: Option<Moves>,
+    /// `upstream.reuse`: a client that leaves at an idle point leaves its upstream
+    /// connection open, and [`run`] hands it back.
+    pub reuse: bool,
 }
 
 /// Why a session ended, for the closing log line.
@@ -259,20 +263,25 @@ impl Activity {
     }
 }
 
+/// How a session ended.
+pub struct Ended<U> {
+    pub result: Result<Close, RelayError>,
+    pub traffic: Traffic,
+    /// The upstream connection, when the client left it at an idle point with
+    /// [`Context::reuse`]: open, every reply relayed, to be RESET before another client.
+    pub upstream: Option<U>,
+}
+
 /// Relays between `client` and `upstream` until one side ends. `pending` holds client bytes
 /// read before the relay started.
-pub async fn run<C, U>(
-    client: C,
-    upstream: U,
-    ctx: &Context,
-    pending: BytesMut,
-) -> (Result<Close, RelayError>, Traffic)
+pub async fn run<C, U>(client: C, upstream: U, ctx: &Context, pending: BytesMut) -> Ended<U>
 where
     C: AsyncRead + AsyncWrite + Send,
-    U: AsyncRead + AsyncWrite + Send,
+    U: AsyncRead + AsyncWrite + Send + Unpin,
 {
     let (client_read, client_write) = tokio::io::split(client);
-    let (upstream_read, upstream_write) = tokio::io::split(upstream);
+    // Lent to the two sides, so that the connection can be put back together after them.
+    let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
     let expectations = Expectations::default();
     let from_client = AtomicU64::new(0);
     let to_client = AtomicU64::new(0);
@@ -284,7 +293,7 @@ where
 
     let requests = requests::Requests::new(
         client_read,
-        upstream_write,
+        &mut upstream_write,
         &expectations,
         ctx,
         pending,
@@ -293,7 +302,7 @@ where
     )
     .run();
     let replies = replies::ReplyPump::new(
-        upstream_read,
+        &mut upstream_read,
         client_write,
         &expectations,
         ctx,
@@ -308,8 +317,33 @@ where
         }
     };
     let moving = moves::moved(ctx.moves.as_ref(), &expectations);
+    let result = relay_until_end(requests, replies, idle, moving, &expectations).await;
+    if let (Ok(close), Some(m)) = (&result, &ctx.moves) {
+        m.closed(*close, &ctx.metrics);
+    }
+    let traffic = Traffic {
+        from_client: from_client.load(Ordering::Relaxed),
+        to_client: to_client.load(Ordering::Relaxed),
+    };
+    // Both sides are dropped by now: the reply side was waiting to read, with nothing owed.
+    let kept = matches!(result, Ok(Close::ClientClosed)) && expectations.rest.left_clean();
+    Ended {
+        result,
+        traffic,
+        upstream: kept.then(|| upstream_read.unsplit(upstream_write)),
+    }
+}
+
+/// Runs both sides, the idle timeout and the mover until the session ends.
+async fn relay_until_end(
+    requests: impl Future<Output = Result<Close, RelayError>>,
+    replies: impl Future<Output = Result<Close, RelayError>>,
+    idle: impl Future<Output = ()>,
+    moving: impl Future<Output = moves::Moved>,
+    expectations: &Expectations,
+) -> Result<Close, RelayError> {
     tokio::pin!(requests, replies, idle, moving);
-    let result = tokio::select! {
+    tokio::select! {
         // The mover last: when it looks, both sides have just found nothing to read.
         biased;
         r = &mut replies => {
@@ -319,6 +353,9 @@ where
             r
         }
         r = &mut requests => match r {
+            // The client left at an idle point: nothing more will come from the upstream,
+            // which keeps its connection open for another client.
+            Ok(Close::ClientClosed) if expectations.rest.left_clean() => Ok(Close::ClientClosed),
             // The client is done sending. After a half-close the upstream answers what it
             // has read and closes, as it would for the client itself.
             Ok(Close::ClientClosed) => tokio::select! {
@@ -337,19 +374,11 @@ where
         how = &mut moving => match how {
             moves::Moved::Halt => {
                 // Failover: the client is no longer read; the replies it is owed come.
-                moves::finish(&mut replies, &expectations).await
+                moves::finish(&mut replies, expectations).await
             }
             moves::Moved::Now(close) => Ok(close),
         },
-    };
-    if let (Ok(close), Some(m)) = (&result, &ctx.moves) {
-        m.closed(*close, &ctx.metrics);
     }
-    let traffic = Traffic {
-        from_client: from_client.load(Ordering::Relaxed),
-        to_client: to_client.load(Ordering::Relaxed),
-    };
-    (result, traffic)
 }
 
 /// Reads and discards what a client still sends, until it closes or [`LINGER`] runs out.
