@@ -204,26 +204,19 @@ async fn client_no_evict_is_not_reused() {
 
 #[tokio::test]
 async fn reuse_can_be_turned_off() {
-    let (_server, amb) = reusing("reuse = false\n").await;
+    let (server, amb) = reusing("reuse = false\n").await;
     let mut first = amb.connect().await;
-    let id = id_of(first.cmd(&["CLIENT", "ID"]).await);
+    let id = id_of(first.cmd(&["CLIENT", "ID"]).await).to_string();
     drop(first);
-    let mut next = amb.connect().await;
-    assert_ne!(id_of(next.cmd(&["CLIENT", "ID"]).await), id);
-    // And the pool refills at once, as without reuse.
-    wait_until("the pool refilled", DEADLINE, || async {
-        amb.metric("ambassador_upstream_pool_ready", ("", "")).await == Some(2.0)
-    })
-    .await;
-    wait_until("the first session ended", DEADLINE, || async {
-        amb.metric(
-            "ambassador_sessions_closed_total",
-            ("reason", "ClientClosed"),
-        )
-        .await
-            == Some(1.0)
-    })
-    .await;
+    // The server sees the connection go, as it would without a pool.
+    let auth = server.auth.auth_command();
+    let gone = || async {
+        let list = query(&server.addr(), Some(&auth), &["CLIENT", "LIST", "ID", &id]).await;
+        list.as_ref()
+            .and_then(text)
+            .is_some_and(|l| l.trim().is_empty())
+    };
+    wait_until("the first client's connection is closed", DEADLINE, gone).await;
     let scrape = amb.scrape().await;
     assert!(
         !scrape
@@ -232,6 +225,13 @@ async fn reuse_can_be_turned_off() {
             .any(|s| s.metric == "ambassador_upstream_pool_returned_total"),
         "nothing is returned with reuse off"
     );
+    let mut next = amb.connect().await;
+    assert_eq!(next.cmd(&["PING"]).await, simple("PONG"));
+    // And a take refills at once, as without reuse.
+    wait_until("the pool refilled", DEADLINE, || async {
+        amb.metric("ambassador_upstream_pool_ready", ("", "")).await == Some(2.0)
+    })
+    .await;
     drop(next);
     amb.stop().await;
 }
@@ -311,4 +311,33 @@ fn reuse_needs_a_pool() {
         errors.contains("upstream.reuse: needs upstream.pool_size above 0"),
         "{errors}"
     );
+}
+
+#[tokio::test]
+async fn the_pool_keeps_no_more_than_its_size() {
+    let (server, amb) = reusing("").await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let mut c = amb.connect().await;
+        assert_eq!(c.cmd(&["PING"]).await, simple("PONG"));
+        clients.push(c);
+    }
+    drop(clients);
+    wait_until("all three sessions accounted for", DEADLINE, || async {
+        returned(&amb, "reused").await + returned(&amb, "full").await == 3.0
+    })
+    .await;
+    assert!(returned(&amb, "full").await >= 1.0);
+    // Whatever the pool made meanwhile, it holds two: the server sees two of the app's
+    // connections besides the one asking.
+    let auth = server.auth.auth_command();
+    wait_until("two connections of the app's left", DEADLINE, || async {
+        let list = query(&server.addr(), Some(&auth), &["CLIENT", "LIST"]).await;
+        let list = list.as_ref().and_then(text).unwrap_or_default();
+        let user = format!(" user={USER} ");
+        let apps = list.lines().filter(|l| l.contains(&user));
+        apps.filter(|l| !l.contains("cmd=client|list")).count() == 2
+    })
+    .await;
+    amb.stop().await;
 }
