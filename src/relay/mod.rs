@@ -26,6 +26,7 @@ use moves::Rest;
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -291,33 +292,39 @@ where
         watched: ctx.idle_timeout.is_some(),
     };
 
-    let requests = requests::Requests::new(
-        client_read,
-        &mut upstream_write,
-        &expectations,
-        ctx,
-        pending,
-        &from_client,
-        &activity,
-    )
-    .run();
-    let replies = replies::ReplyPump::new(
-        &mut upstream_read,
-        client_write,
-        &expectations,
-        ctx,
-        &to_client,
-        &activity,
-    )
-    .run();
-    let idle = async {
-        match ctx.idle_timeout {
-            Some(limit) => activity.idle_for(limit).await,
-            None => std::future::pending().await,
-        }
+    // The two sides borrow the upstream's halves until this block ends.
+    let result = {
+        let requests = requests::Requests::new(
+            client_read,
+            &mut upstream_write,
+            &expectations,
+            ctx,
+            pending,
+            &from_client,
+            &activity,
+        )
+        .run();
+        let replies = replies::ReplyPump::new(
+            &mut upstream_read,
+            client_write,
+            &expectations,
+            ctx,
+            &to_client,
+            &activity,
+        )
+        .run();
+        let idle = async {
+            match ctx.idle_timeout {
+                Some(limit) => activity.idle_for(limit).await,
+                None => std::future::pending().await,
+            }
+        };
+        let moving = moves::moved(ctx.moves.as_ref(), &expectations);
+        // Pinned here and lent: moved into the callee, they would be stored twice in this
+        // future, which every session holds (RSS per idle client, tests/load.rs).
+        tokio::pin!(requests, replies, idle, moving);
+        relay_until_end(requests, replies, idle, moving, &expectations).await
     };
-    let moving = moves::moved(ctx.moves.as_ref(), &expectations);
-    let result = relay_until_end(requests, replies, idle, moving, &expectations).await;
     if let (Ok(close), Some(m)) = (&result, &ctx.moves) {
         m.closed(*close, &ctx.metrics);
     }
@@ -336,13 +343,12 @@ where
 
 /// Runs both sides, the idle timeout and the mover until the session ends.
 async fn relay_until_end(
-    requests: impl Future<Output = Result<Close, RelayError>>,
-    replies: impl Future<Output = Result<Close, RelayError>>,
-    idle: impl Future<Output = ()>,
-    moving: impl Future<Output = moves::Moved>,
+    mut requests: Pin<&mut impl Future<Output = Result<Close, RelayError>>>,
+    mut replies: Pin<&mut impl Future<Output = Result<Close, RelayError>>>,
+    mut idle: Pin<&mut impl Future<Output = ()>>,
+    mut moving: Pin<&mut impl Future<Output = moves::Moved>>,
     expectations: &Expectations,
 ) -> Result<Close, RelayError> {
-    tokio::pin!(requests, replies, idle, moving);
     tokio::select! {
         // The mover last: when it looks, both sides have just found nothing to read.
         biased;
