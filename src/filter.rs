@@ -132,6 +132,11 @@ fn leaves_no_trace(cmd: &Command<'_>) -> bool {
     if FEEDS.iter().any(|n| is(n)) {
         return false;
     }
+    // SCRIPT DEBUG sets CLIENT_LUA_DEBUG, which RESET keeps: the next client's EVAL would
+    // start the debugger. DEBUG is an operator's tool, left out whole.
+    if is("debug") || (is("script") && cmd.is(1, "debug")) {
+        return false;
+    }
     if !is("client") {
         return true;
     }
@@ -565,6 +570,8 @@ mod tests {
             &["CLIENT", "TRACKING", "ON"],
             &["CLIENT", "CACHING", "YES"],
             &["CLIENT", "SOMETHING-NEW"],
+            &["SCRIPT", "DEBUG", "YES"],
+            &["DEBUG", "SLEEP", "0"],
             &["CLIENT"],
         ] {
             assert!(!after(&[dirty, &["RESET"], &["PING"]]), "{dirty:?}");

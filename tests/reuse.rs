@@ -203,6 +203,12 @@ async fn client_no_evict_is_not_reused() {
 }
 
 #[tokio::test]
+async fn script_debug_is_not_reused() {
+    // RESET keeps CLIENT_LUA_DEBUG: the next client's EVAL would start the debugger.
+    after(&[&["SCRIPT", "DEBUG", "YES"]], Last::Answered, false).await;
+}
+
+#[tokio::test]
 async fn reuse_can_be_turned_off() {
     let (server, amb) = reusing("reuse = false\n").await;
     let mut first = amb.connect().await;
