@@ -6,6 +6,7 @@
 
 mod common;
 
+use common::pki::Pki;
 use common::*;
 use redis_protocol::resp3::types::OwnedFrame;
 
@@ -97,6 +98,39 @@ async fn the_next_client_gets_the_connection_reset_and_authenticated_as_new() {
             .await,
         Some(2.0)
     );
+    drop(next);
+    amb.stop().await;
+}
+
+#[tokio::test]
+async fn a_tls_connection_is_reused_too() {
+    let pki = Pki::new();
+    let server = RedisServer::start_tls(ServerAuth::app(), &ServerTls::new(&pki));
+    let dir = tempfile::tempdir().unwrap();
+    let profile = format!(
+        "[listen]\naddress = \"127.0.0.1:0\"\n[upstream]\naddress = \"{}\"\npool_size = 2\n\
+         [upstream.tls]\nenabled = true\nserver_name = \"localhost\"\nca_file = \"{}\"\n\
+         [credentials]\nfile = \"{}\"\n{HANDSHAKE}{NO_PROBES}",
+        server.tls_addr("127.0.0.1"),
+        pki.ca.display(),
+        server.credential_file(dir.path()).display()
+    );
+    let amb = Ambassador::with_config(load_config(dir.path(), &profile), dir).await;
+    wait_until("two ready connections", DEADLINE, || async {
+        amb.metric("ambassador_upstream_pool_ready", ("", "")).await == Some(2.0)
+    })
+    .await;
+    let mut first = amb.connect().await;
+    let fresh = state(&mut first).await;
+    let id = id_of(first.cmd(&["CLIENT", "ID"]).await);
+    assert_eq!(first.cmd(&["SELECT", "5"]).await, simple("OK"));
+    drop(first);
+    wait_returned(&amb, "reused", 1.0).await;
+
+    let mut next = amb.connect().await;
+    assert_eq!(id_of(next.cmd(&["CLIENT", "ID"]).await), id);
+    assert_eq!(next.cmd(&["ACL", "WHOAMI"]).await, bulk(USER.as_bytes()));
+    assert_eq!(state(&mut next).await, fresh);
     drop(next);
     amb.stop().await;
 }
