@@ -223,3 +223,80 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::SecretString;
+    use tokio::io::duplex;
+
+    /// [`reset`] against a server that reads the whole request, then answers `replies`.
+    async fn reset_against(replies: &'static [u8]) -> Result<(), HandshakeError> {
+        let credentials = Credentials::new(Some("app".into()), SecretString::from("pw"));
+        let settings = Handshake {
+            client_name: Some("n".into()),
+            database: Some(2),
+        };
+        let sent = RESET.len() + commands(&credentials, &settings).bytes.len();
+        let (mut ours, mut theirs) = duplex(4096);
+        let server = tokio::spawn(async move {
+            let mut got = vec![0; sent];
+            theirs.read_exact(&mut got).await.unwrap();
+            theirs.write_all(replies).await.unwrap();
+            // Kept open until the test is done with it: a close is another case.
+            (got, theirs)
+        });
+        let result = reset(&mut ours, &credentials, &settings, Duration::from_secs(5)).await;
+        let (got, _open) = server.await.unwrap();
+        assert!(got.starts_with(RESET), "RESET goes first");
+        assert!(
+            got.ends_with(b"*2\r\n$6\r\nSELECT\r\n$1\r\n2\r\n"),
+            "then the handshake"
+        );
+        result
+    }
+
+    #[tokio::test]
+    async fn a_clean_reset_answers_reset_then_ok_for_each() {
+        assert!(reset_against(b"+RESET\r\n+OK\r\n+OK\r\n+OK\r\n")
+            .await
+            .is_ok());
+    }
+
+    #[tokio::test]
+    async fn anything_else_is_refused() {
+        assert!(matches!(
+            reset_against(b"+OK\r\n+OK\r\n+OK\r\n+OK\r\n").await,
+            Err(HandshakeError::Malformed)
+        ));
+        assert!(matches!(
+            reset_against(b"-ERR can only reset normal client connections\r\n").await,
+            Err(HandshakeError::Rejected {
+                command: "RESET",
+                ..
+            })
+        ));
+        assert!(matches!(
+            reset_against(b"+RESET\r\n-WRONGPASS invalid username-password pair\r\n").await,
+            Err(HandshakeError::AuthRejected { .. })
+        ));
+        assert!(matches!(
+            reset_against(b"+RESET\r\n+OK\r\n:1\r\n+OK\r\n").await,
+            Err(HandshakeError::Malformed)
+        ));
+        // A message of a subscription RESET did not end, or any byte after the replies.
+        assert!(matches!(
+            reset_against(b"+RESET\r\n+OK\r\n+OK\r\n+OK\r\n+PONG\r\n").await,
+            Err(HandshakeError::Malformed)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_silent_server_times_out() {
+        let credentials = Credentials::new(None, SecretString::from("pw"));
+        let (mut ours, _theirs) = duplex(4096);
+        let limit = Duration::from_millis(50);
+        let result = reset(&mut ours, &credentials, &Handshake::default(), limit).await;
+        assert!(matches!(result, Err(HandshakeError::Timeout(_))));
+    }
+}
