@@ -109,14 +109,14 @@ where
     let discovery = &shared.upstream.discovery;
     let choice = discovery.moves().then(|| discovery.subscribe());
     let connected = shared.connect(&current).await;
-    let (upstream, upstream_addr, target) = match connected {
-        Ok(c) => (c.stream, c.addr, c.target),
+    let (upstream, upstream_addr, target, reused) = match connected {
+        Ok(c) => (c.stream, c.addr, c.target, c.reused),
         Err(e) => {
             refuse_unavailable(&mut client, metrics, &shared.upstream.discovery, e).await;
             return;
         }
     };
-    if let Some(resumed) = upstream.tls_resumed() {
+    if let Some(resumed) = upstream.tls_resumed().filter(|_| !reused) {
         metrics.tls_handshake(resumed);
     }
     metrics
@@ -167,6 +167,7 @@ where
             stream,
             addr: upstream_addr,
             target,
+            reused: true,
         });
         shared.give_back(kept).await;
     }

@@ -103,7 +103,7 @@ async fn the_next_client_gets_the_connection_reset_and_authenticated_as_new() {
 }
 
 #[tokio::test]
-async fn a_tls_connection_is_reused_too() {
+async fn a_tls_connection_is_reused_without_a_new_handshake() {
     let pki = Pki::new();
     let server = RedisServer::start_tls(ServerAuth::app(), &ServerTls::new(&pki));
     let dir = tempfile::tempdir().unwrap();
@@ -131,6 +131,13 @@ async fn a_tls_connection_is_reused_too() {
     assert_eq!(id_of(next.cmd(&["CLIENT", "ID"]).await), id);
     assert_eq!(next.cmd(&["ACL", "WHOAMI"]).await, bulk(USER.as_bytes()));
     assert_eq!(state(&mut next).await, fresh);
+    // One TLS handshake (full or resumed) counted for two sessions on one connection.
+    let mut handshakes = 0.0;
+    for kind in ["full", "resumed"] {
+        let n = amb.metric("ambassador_upstream_tls_handshakes_total", ("kind", kind));
+        handshakes += n.await.unwrap_or(0.0);
+    }
+    assert_eq!(handshakes, 1.0);
     drop(next);
     amb.stop().await;
 }
