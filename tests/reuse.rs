@@ -348,6 +348,22 @@ async fn a_connection_whose_reauthentication_fails_is_dropped() {
 }
 
 #[test]
+fn reuse_is_for_redis_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let profile = "[listen]\naddress = \"127.0.0.1:0\"\nprotocol = \"tcp\"\n[upstream]\naddress = \"a:1\"\npool_size = 2\nreuse = true\n";
+    let errors = try_load_config(dir.path(), profile)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        errors.contains("upstream.reuse: not with listen.protocol = \"tcp\""),
+        "{errors}"
+    );
+    // Without the key, a TCP ambassador's pool connections are used once.
+    let profile = profile.replace("reuse = true\n", "");
+    assert!(!load_config(dir.path(), &profile).upstream.reuse);
+}
+
+#[test]
 fn reuse_needs_a_pool() {
     let dir = tempfile::tempdir().unwrap();
     let profile = "[listen]\naddress = \"127.0.0.1:0\"\n[upstream]\naddress = \"a:1\"\nreuse = true\n[credentials]\nfile = \"/nonexistent\"\n";
