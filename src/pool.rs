@@ -136,7 +136,8 @@ impl Pool {
         let mut refill = true;
         loop {
             self.prune(&credentials.current());
-            let missing = match refill {
+            // With reuse, a pool run dry refills whatever woke it (a take, an age-out).
+            let missing = match refill || self.lock().is_empty() {
                 true => self.size.saturating_sub(self.lock().len() + making.len()),
                 false => 0,
             };
@@ -176,7 +177,7 @@ impl Pool {
                     }
                     Err(_) => true, // a panic, counted by the runtime's hook; try again
                 },
-                _ = self.wanted.notified() => !self.reuse || self.lock().is_empty(),
+                _ = self.wanted.notified() => !self.reuse,
                 Ok(()) = rotated.changed() => true,
                 Ok(()) = moved.changed() => true,
                 _ = tokio::time::sleep(MAX_READY_AGE / 2) => true,
