@@ -93,6 +93,62 @@ pub fn needs_whole(name: &[u8]) -> bool {
         .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
 }
 
+/// The `CLIENT` subcommands whose effect RESET undoes, or that change nothing on the
+/// connection itself. Any other (NO-EVICT, which Redis 7.0's RESET keeps; NO-TOUCH; SETINFO,
+/// whose library name and version RESET keeps on purpose; TRACKING and CACHING, whose
+/// invalidations may still be on their way; a subcommand newer than this list) rules reuse
+/// out. `REPLY` is allowed only as `ON` (see [`leaves_no_trace`]).
+const CLIENT_CLEARED: [&str; 12] = [
+    "id",
+    "info",
+    "list",
+    "getname",
+    "setname",
+    "getredir",
+    "trackinginfo",
+    "kill",
+    "unblock",
+    "pause",
+    "unpause",
+    "help",
+];
+
+/// The commands after which the upstream sends more than replies, for good: MONITOR's feed,
+/// replication.
+const FEEDS: [&str; 4] = ["monitor", "sync", "psync", "replconf"];
+
+/// Whether a RESET undoes whatever `cmd` does to its connection, and the relay can still
+/// count replies after it: RESET (`clearClientConnectionState` in Redis's networking.c)
+/// selects db 0, logs out, clears the name, MULTI, WATCH, subscriptions, MONITOR, tracking,
+/// CLIENT REPLY and the RESP version. A session that subscribed or monitored is not reused
+/// even after its own RESET (the feed's last frames could still be in flight), nor one that
+/// turned CLIENT REPLY off or to SKIP (its replies were not all countable), nor replication.
+fn leaves_no_trace(cmd: &Command<'_>) -> bool {
+    let name = cmd.arg(0).unwrap_or_default();
+    let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+    if SUBSCRIPTIONS.iter().any(|(n, _)| is(n)) {
+        return false;
+    }
+    if FEEDS.iter().any(|n| is(n)) {
+        return false;
+    }
+    // SCRIPT DEBUG sets CLIENT_LUA_DEBUG, which RESET keeps: the next client's EVAL would
+    // start the debugger. DEBUG is an operator's tool, left out whole.
+    if is("debug") || (is("script") && cmd.is(1, "debug")) {
+        return false;
+    }
+    if !is("client") {
+        return true;
+    }
+    let sub = cmd.arg(1).unwrap_or_default();
+    if sub.eq_ignore_ascii_case(b"reply") {
+        return cmd.argc == 3 && cmd.is(2, "on");
+    }
+    CLIENT_CLEARED
+        .iter()
+        .any(|n| sub.eq_ignore_ascii_case(n.as_bytes()))
+}
+
 /// The client side of authentication. Without a downstream password the client counts as
 /// authenticated from the start; with one, it must `AUTH` (or `HELLO ... AUTH`) first, and a
 /// `RESET` makes it authenticate again, as with Redis's `requirepass`.
@@ -108,6 +164,10 @@ pub struct Filter {
     skip_next: bool,
     /// The open MULTI queued a subscription: after EXEC the connection may be subscribed.
     multi_subscribes: bool,
+    /// Nothing this session sent can have left state on the upstream connection that a
+    /// RESET does not clear, or a reply stream the relay cannot count: the connection may
+    /// serve another client once RESET ([`leaves_no_trace`]). Once false, false for good.
+    pub reset_clears: bool,
 }
 
 impl Filter {
@@ -119,6 +179,7 @@ impl Filter {
             reply_off: false,
             skip_next: false,
             multi_subscribes: false,
+            reset_clears: true,
         }
     }
 
@@ -138,6 +199,8 @@ impl Filter {
     ) -> Action<'a> {
         let name = cmd.arg(0).unwrap_or_default();
         let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+        // Judged by name alone, queued in MULTI, refused or not: a miss costs one reuse.
+        self.reset_clears &= leaves_no_trace(cmd);
         if is("auth") {
             return self.auth(cmd, password_ok);
         }
@@ -226,6 +289,7 @@ impl Filter {
     /// at EXEC, so the count is given up until the next RESET.
     fn client_reply(&mut self, cmd: &Command<'_>) -> Replies {
         if self.in_multi {
+            self.reset_clears = false;
             return Replies::Untracked;
         }
         if cmd.argc != 3 {
@@ -468,6 +532,53 @@ mod tests {
             f.decide(&cmd(&["CLIENT", "REPLY", "OFF"]), never),
             Action::Forward(Replies::Untracked),
             "queued inside MULTI: not modelled"
+        );
+    }
+
+    #[test]
+    fn only_what_reset_undoes_keeps_a_connection_reusable() {
+        let after = |cmds: &[&[&str]]| {
+            let mut f = Filter::new(false);
+            for c in cmds {
+                f.decide(&cmd(c), never);
+            }
+            f.reset_clears
+        };
+        assert!(after(&[
+            &["SET", "k", "v"],
+            &["GET", "k"],
+            &["SELECT", "3"]
+        ]));
+        assert!(after(&[&["client", "setname", "x"], &["CLIENT", "ID"]]));
+        assert!(after(&[
+            &["CLIENT", "REPLY", "ON"],
+            &["HELLO", "3"],
+            &["WATCH", "k"]
+        ]));
+        assert!(after(&[&["MULTI"], &["INCR", "k"], &["EXEC"], &["RESET"]]));
+        for dirty in [
+            &["SUBSCRIBE", "c"][..],
+            &["punsubscribe"],
+            &["MONITOR"],
+            &["PSYNC", "?", "-1"],
+            &["REPLCONF", "listening-port", "1"],
+            &["CLIENT", "REPLY", "OFF"],
+            &["CLIENT", "REPLY", "SKIP"],
+            &["CLIENT", "NO-EVICT", "ON"],
+            &["client", "no-touch", "on"],
+            &["CLIENT", "SETINFO", "LIB-NAME", "x"],
+            &["CLIENT", "TRACKING", "ON"],
+            &["CLIENT", "CACHING", "YES"],
+            &["CLIENT", "SOMETHING-NEW"],
+            &["SCRIPT", "DEBUG", "YES"],
+            &["DEBUG", "SLEEP", "0"],
+            &["CLIENT"],
+        ] {
+            assert!(!after(&[dirty, &["RESET"], &["PING"]]), "{dirty:?}");
+        }
+        assert!(
+            !after(&[&["MULTI"], &["CLIENT", "REPLY", "ON"], &["EXEC"]]),
+            "CLIENT REPLY queued in MULTI"
         );
     }
 

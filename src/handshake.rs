@@ -1,6 +1,7 @@
 //! The ambassador's own commands on a new upstream connection: AUTH, then CLIENT SETNAME and
 //! SELECT when the profile asks, pipelined in one write and checked within a time limit. The
-//! same commands re-authenticate a session after the client's RESET.
+//! same commands re-authenticate a session after the client's RESET, and ready a connection
+//! a client left for the next one after the ambassador's own RESET ([`reset`]).
 
 use std::time::Duration;
 
@@ -141,6 +142,56 @@ where
         .map_err(|_| HandshakeError::Timeout(limit))?
 }
 
+/// Readies a connection a client left (`upstream.reuse`) for the next one: `RESET`, then
+/// the handshake a new connection gets, pipelined, within `limit`. Every reply must be
+/// what a healthy server answers a clean connection (`+RESET`, then `+OK` each) and nothing
+/// may follow them; anything else means the connection is not what the ambassador thinks,
+/// and it is not used again.
+pub async fn reset<S>(
+    stream: &mut S,
+    credentials: &Credentials,
+    settings: &Handshake,
+    limit: Duration,
+) -> Result<(), HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let cmds = commands(credentials, settings);
+    let exchange = async {
+        // Two writes rather than a copy of the password; pipelined all the same.
+        stream.write_all(RESET).await?;
+        stream.write_all(&cmds.bytes).await?;
+        let mut buf = Vec::with_capacity(256);
+        match read_frame(stream, &mut buf).await? {
+            OwnedFrame::SimpleString(s) if s == b"RESET" => {}
+            OwnedFrame::Error(reason) => {
+                return Err(HandshakeError::Rejected {
+                    command: "RESET",
+                    reason,
+                })
+            }
+            _ => return Err(HandshakeError::Malformed),
+        }
+        for index in 0..cmds.names.len() {
+            let reply = match read_frame(stream, &mut buf).await? {
+                OwnedFrame::SimpleString(s) if s == b"OK" => Ok(()),
+                OwnedFrame::Error(e) => Err(e),
+                _ => return Err(HandshakeError::Malformed),
+            };
+            check_reply(&cmds, index, credentials.username(), reply)?;
+        }
+        if !buf.is_empty() {
+            return Err(HandshakeError::Malformed);
+        }
+        Ok(())
+    };
+    tokio::time::timeout(limit, exchange)
+        .await
+        .map_err(|_| HandshakeError::Timeout(limit))?
+}
+
+const RESET: &[u8] = b"*1\r\n$5\r\nRESET\r\n";
+
 /// `ROLE`'s first element must be `master`. A user not allowed `ROLE` cannot confirm, and
 /// is taken at Sentinel's word.
 fn check_role(reply: OwnedFrame) -> Result<(), HandshakeError> {
@@ -170,5 +221,82 @@ where
         if stream.read_buf(buf).await? == 0 {
             return Err(HandshakeError::Closed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::SecretString;
+    use tokio::io::duplex;
+
+    /// [`reset`] against a server that reads the whole request, then answers `replies`.
+    async fn reset_against(replies: &'static [u8]) -> Result<(), HandshakeError> {
+        let credentials = Credentials::new(Some("app".into()), SecretString::from("pw"));
+        let settings = Handshake {
+            client_name: Some("n".into()),
+            database: Some(2),
+        };
+        let sent = RESET.len() + commands(&credentials, &settings).bytes.len();
+        let (mut ours, mut theirs) = duplex(4096);
+        let server = tokio::spawn(async move {
+            let mut got = vec![0; sent];
+            theirs.read_exact(&mut got).await.unwrap();
+            theirs.write_all(replies).await.unwrap();
+            // Kept open until the test is done with it: a close is another case.
+            (got, theirs)
+        });
+        let result = reset(&mut ours, &credentials, &settings, Duration::from_secs(5)).await;
+        let (got, _open) = server.await.unwrap();
+        assert!(got.starts_with(RESET), "RESET goes first");
+        assert!(
+            got.ends_with(b"*2\r\n$6\r\nSELECT\r\n$1\r\n2\r\n"),
+            "then the handshake"
+        );
+        result
+    }
+
+    #[tokio::test]
+    async fn a_clean_reset_answers_reset_then_ok_for_each() {
+        assert!(reset_against(b"+RESET\r\n+OK\r\n+OK\r\n+OK\r\n")
+            .await
+            .is_ok());
+    }
+
+    #[tokio::test]
+    async fn anything_else_is_refused() {
+        assert!(matches!(
+            reset_against(b"+OK\r\n+OK\r\n+OK\r\n+OK\r\n").await,
+            Err(HandshakeError::Malformed)
+        ));
+        assert!(matches!(
+            reset_against(b"-ERR can only reset normal client connections\r\n").await,
+            Err(HandshakeError::Rejected {
+                command: "RESET",
+                ..
+            })
+        ));
+        assert!(matches!(
+            reset_against(b"+RESET\r\n-WRONGPASS invalid username-password pair\r\n").await,
+            Err(HandshakeError::AuthRejected { .. })
+        ));
+        assert!(matches!(
+            reset_against(b"+RESET\r\n+OK\r\n:1\r\n+OK\r\n").await,
+            Err(HandshakeError::Malformed)
+        ));
+        // A message of a subscription RESET did not end, or any byte after the replies.
+        assert!(matches!(
+            reset_against(b"+RESET\r\n+OK\r\n+OK\r\n+OK\r\n+PONG\r\n").await,
+            Err(HandshakeError::Malformed)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_silent_server_times_out() {
+        let credentials = Credentials::new(None, SecretString::from("pw"));
+        let (mut ours, _theirs) = duplex(4096);
+        let limit = Duration::from_millis(50);
+        let result = reset(&mut ours, &credentials, &Handshake::default(), limit).await;
+        assert!(matches!(result, Err(HandshakeError::Timeout(_))));
     }
 }

@@ -108,7 +108,10 @@ pub async fn run_with(
         downstream_password: config.listen.password.map(Arc::new),
         idle_timeout: config.listen.idle_timeout,
         metrics: Arc::clone(&metrics),
-        pool: Arc::new(pool::Pool::new(config.upstream.pool_size)),
+        pool: Arc::new(pool::Pool::new(
+            config.upstream.pool_size,
+            config.upstream.reuse,
+        )),
         aws_iam: match &config.credentials_source {
             config::CredentialSource::Refreshed {
                 source: refresh::Fetcher::AwsIam(source),

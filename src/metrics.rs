@@ -43,6 +43,7 @@ pub struct Metrics {
     sessions_moved: Family<Labels, Counter>,
     pool_ready: Gauge,
     pool_taken: Family<Labels, Counter>,
+    pool_returned: Family<Labels, Counter>,
     sessions_closed: Family<Labels, Counter>,
     tls_reloads: Family<Labels, Counter>,
     /// `notAfter` of the TLS certificates in use (seconds since the epoch), by file; the
@@ -105,6 +106,7 @@ impl Metrics {
             sessions_moved: Family::default(),
             pool_ready: Gauge::default(),
             pool_taken: Family::default(),
+            pool_returned: Family::default(),
             sessions_closed: Family::default(),
             tls_reloads: Family::default(),
             tls_not_after: Mutex::new(Vec::new()),
@@ -225,6 +227,11 @@ impl Metrics {
             "upstream_pool_taken",
             "New sessions by where their upstream connection came from: ready (the pool) or none (made for the client)",
             m.pool_taken.clone(),
+        );
+        r.register(
+            "upstream_pool_returned",
+            "Sessions ended with upstream.reuse, by what became of their upstream connection: reused (RESET, authenticated again and back in the pool), dirty (not left in a state RESET cleans), failed (the RESET or handshake went wrong), full (no room in the pool)",
+            m.pool_returned.clone(),
         );
         r.register(
             "sessions_moved",
@@ -418,6 +425,14 @@ impl Metrics {
     pub fn pool_taken(&self, from: &str) {
         self.pool_taken
             .get_or_create(&labels(&[("from", from)]))
+            .inc();
+    }
+
+    /// A session ended with `upstream.reuse`: its connection was `"reused"`, or not
+    /// (`"dirty"`, `"failed"`, `"full"`).
+    pub fn pool_returned(&self, result: &str) {
+        self.pool_returned
+            .get_or_create(&labels(&[("result", result)]))
             .inc();
     }
 

@@ -6,6 +6,12 @@
 //! prefers, younger than [`MAX_READY_AGE`], and with no close or stray byte waiting on its
 //! socket. Off (0) by default: every ready connection is an idle client of the server, on
 //! every pod.
+//!
+//! With `upstream.reuse`, a connection a client left clean comes back ([`Pool::give_back`],
+//! after the session RESET it and authenticated it again), within the same bound and under
+//! the same checks. New connections are then made only when the pool runs dry (or at the
+//! periodic look): a take that refilled at once would fill the room the client's connection
+//! comes back to, and every client would still cost a connect.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -32,24 +38,52 @@ struct Ready {
     connected: Connected,
     /// The credentials it authenticated with: compared by identity with the ones in use.
     credentials: Arc<Credentials>,
+    /// When it was made, or given back: how long it has waited unused.
     made: Instant,
 }
 
 /// The ready connections; empty and idle when `size` is 0.
 pub struct Pool {
     size: usize,
+    /// `upstream.reuse`: connections come back, so a take does not refill at once.
+    reuse: bool,
     ready: Mutex<VecDeque<Ready>>,
-    /// Woken when a connection was taken (or found stale): make another.
+    /// Woken when a connection was taken (or found stale) or given back: look again.
     wanted: Notify,
 }
 
 impl Pool {
-    pub fn new(size: usize) -> Pool {
+    pub fn new(size: usize, reuse: bool) -> Pool {
         Pool {
             size,
+            reuse,
             ready: Mutex::new(VecDeque::with_capacity(size)),
             wanted: Notify::new(),
         }
+    }
+
+    /// Whether a connection given back now would be kept.
+    pub fn has_room(&self) -> bool {
+        self.lock().len() < self.size
+    }
+
+    /// Keeps `connected`, RESET and authenticated with `credentials` just now, for the next
+    /// client, if there is room; returns whether it was kept (else it is closed).
+    pub fn give_back(&self, connected: Connected, credentials: Arc<Credentials>) -> bool {
+        let kept = {
+            let mut ready = self.lock();
+            let room = ready.len() < self.size;
+            if room {
+                ready.push_back(Ready {
+                    connected,
+                    credentials,
+                    made: Instant::now(),
+                });
+            }
+            room
+        };
+        self.wanted.notify_one();
+        kept
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Ready>> {
@@ -99,9 +133,14 @@ impl Pool {
         let mut making: JoinSet<(Arc<Credentials>, Result<Connected, String>)> = JoinSet::new();
         let mut rotated = credentials.subscribe();
         let mut moved = upstream.discovery.subscribe();
+        let mut refill = true;
         loop {
             self.prune(&credentials.current());
-            let missing = self.size.saturating_sub(self.lock().len() + making.len());
+            // With reuse, a pool run dry refills whatever woke it (a take, an age-out).
+            let missing = match refill || self.lock().is_empty() {
+                true => self.size.saturating_sub(self.lock().len() + making.len()),
+                false => 0,
+            };
             for _ in 0..missing {
                 let (upstream, handshake) = (upstream.clone(), handshake.clone());
                 let current = credentials.current();
@@ -113,28 +152,36 @@ impl Pool {
                 });
             }
             metrics.set_pool_ready(self.lock().len());
-            tokio::select! {
+            refill = tokio::select! {
                 _ = stop.cancelled() => return,
                 Some(done) = making.join_next() => match done {
-                    Ok((made_with, Ok(connected))) => self.lock().push_back(Ready {
-                        connected,
-                        credentials: made_with,
-                        made: Instant::now(),
-                    }),
+                    Ok((made_with, Ok(connected))) => {
+                        let mut ready = self.lock();
+                        // Given-back connections may have filled the room meanwhile.
+                        if ready.len() < self.size {
+                            ready.push_back(Ready {
+                                connected,
+                                credentials: made_with,
+                                made: Instant::now(),
+                            });
+                        }
+                        !self.reuse
+                    }
                     Ok((_, Err(e))) => {
                         tracing::debug!(error = %e, "could not make a ready upstream connection");
                         tokio::select! {
                             _ = stop.cancelled() => return,
                             _ = tokio::time::sleep(RETRY) => {}
                         }
+                        true
                     }
-                    Err(_) => {} // a panic, counted by the runtime's hook; try again
+                    Err(_) => true, // a panic, counted by the runtime's hook; try again
                 },
-                _ = self.wanted.notified() => {}
-                Ok(()) = rotated.changed() => {}
-                Ok(()) = moved.changed() => {}
-                _ = tokio::time::sleep(MAX_READY_AGE / 2) => {}
-            }
+                _ = self.wanted.notified() => !self.reuse,
+                Ok(()) = rotated.changed() => true,
+                Ok(()) = moved.changed() => true,
+                _ = tokio::time::sleep(MAX_READY_AGE / 2) => true,
+            };
         }
     }
 

@@ -15,7 +15,7 @@ use crate::credentials::aws_iam::AwsIamSource;
 use crate::credentials::{CredentialStore, Credentials, DownstreamPassword};
 use crate::dead_peer;
 use crate::discovery::Discovery;
-use crate::handshake::HandshakeError;
+use crate::handshake::{self, HandshakeError};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::relay::{self, Context, Moves, RelayError};
@@ -54,6 +54,37 @@ impl Shared {
         let credentials = fresh.as_ref().unwrap_or(credentials);
         upstream::open(&self.upstream, credentials, &self.handshake).await
     }
+
+    /// `upstream.reuse`: the connection a client left clean (`None`: it did not) is RESET,
+    /// authenticated again with the credentials in use now, and kept for the next client if
+    /// the pool has room; otherwise it is closed. Counted either way.
+    async fn give_back(&self, kept: Option<Connected>) {
+        let result = match kept {
+            None => "dirty",
+            // No RESET round trip for nothing; checked again after it, as another may have
+            // come back meanwhile.
+            Some(_) if !self.pool.has_room() => "full",
+            Some(c) => self.reset_and_keep(c).await,
+        };
+        self.metrics.pool_returned(result);
+    }
+
+    /// RESET + handshake on `c`, then into the pool: how that went, as counted.
+    async fn reset_and_keep(&self, mut c: Connected) -> &'static str {
+        let credentials = self.credentials.current();
+        let limit = self.upstream.handshake_timeout;
+        let reset = handshake::reset(&mut c.stream, &credentials, &self.handshake, limit);
+        if let Err(e) = reset.await {
+            tracing::debug!(upstream = %c.addr, error = %e, "upstream connection not reused: RESET or handshake failed");
+            return "failed";
+        }
+        let addr = c.addr;
+        if !self.pool.give_back(c, credentials) {
+            return "full";
+        }
+        tracing::debug!(upstream = %addr, "upstream connection kept for the next client");
+        "reused"
+    }
 }
 
 /// Serves one client until either side closes.
@@ -78,14 +109,14 @@ where
     let discovery = &shared.upstream.discovery;
     let choice = discovery.moves().then(|| discovery.subscribe());
     let connected = shared.connect(&current).await;
-    let (upstream, upstream_addr, target) = match connected {
-        Ok(c) => (c.stream, c.addr, c.target),
+    let (upstream, upstream_addr, target, reused) = match connected {
+        Ok(c) => (c.stream, c.addr, c.target, c.reused),
         Err(e) => {
             refuse_unavailable(&mut client, metrics, &shared.upstream.discovery, e).await;
             return;
         }
     };
-    if let Some(resumed) = upstream.tls_resumed() {
+    if let Some(resumed) = upstream.tls_resumed().filter(|_| !reused) {
         metrics.tls_handshake(resumed);
     }
     metrics
@@ -94,6 +125,8 @@ where
     metrics.upstream_ok();
     let handshake_ms = started.elapsed().as_millis() as u64;
 
+    // What the pool checks when the connection comes back.
+    let kept_target = shared.upstream.reuse.then(|| target.clone());
     let moves = choice.map(|choice| Moves::new(Arc::clone(discovery), choice, target));
     let ctx = Context {
         credentials,
@@ -104,8 +137,10 @@ where
         idle_timeout: shared.idle_timeout,
         metrics: Arc::clone(metrics),
         moves,
+        reuse: shared.upstream.reuse,
     };
-    let (result, traffic) = relay::run(client, upstream, &ctx, BytesMut::new()).await;
+    let ended = relay::run(client, upstream, &ctx, BytesMut::new()).await;
+    let (result, traffic) = (ended.result, ended.traffic);
     metrics.relayed(traffic.from_client, traffic.to_client);
     if let Err(RelayError::Io { side, source }) = &result {
         if dead_peer::vanished(source) {
@@ -127,6 +162,15 @@ where
         error,
         "session closed"
     );
+    if let Some(target) = kept_target {
+        let kept = ended.upstream.map(|stream| Connected {
+            stream,
+            addr: upstream_addr,
+            target,
+            reused: true,
+        });
+        shared.give_back(kept).await;
+    }
 }
 
 /// The kernel gave up on a silent peer (keepalive or `TCP_USER_TIMEOUT`). The relay has

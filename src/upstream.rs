@@ -186,6 +186,8 @@ pub struct Connected {
     pub addr: SocketAddr,
     /// The target it was made to, which a session watches for moves.
     pub target: Target,
+    /// A client used it before (`upstream.reuse`): its TLS handshake was counted then.
+    pub reused: bool,
 }
 
 /// Why [`establish`] failed: no target known, the connection, or the handshake on it.
@@ -215,6 +217,7 @@ pub async fn establish(
             stream,
             addr,
             target: target.clone(),
+            reused: false,
         });
     }
     let checked = handshake::run(
@@ -233,6 +236,7 @@ pub async fn establish(
         stream,
         addr,
         target: target.clone(),
+        reused: false,
     })
 }
 

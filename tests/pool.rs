@@ -48,7 +48,8 @@ async fn pooled(extra: &str) -> (RedisServer, Ambassador) {
 
 #[tokio::test]
 async fn a_new_client_gets_a_connection_made_before_it_came() {
-    let (server, amb) = pooled("").await;
+    // Without reuse a take refills at once (with it, once the pool runs dry: tests/reuse.rs).
+    let (server, amb) = pooled("reuse = false\n").await;
     let mut observer = server.direct().await;
     let ready = app_ids(&mut observer).await;
     assert!(ready.len() >= 2, "{ready:?}");

@@ -140,6 +140,9 @@ pub struct Upstream {
     pub expect: UpstreamExpect,
     /// Upstream connections kept ready for new clients (`upstream.pool_size`).
     pub pool_size: usize,
+    /// Connections clients leave clean are RESET, authenticated again and put back in the
+    /// pool (`upstream.reuse`; on by default with a pool, impossible without one).
+    pub reuse: bool,
     /// `[upstream.tls]`, its client config already built: `None` is plain TCP.
     pub tls: Option<Tls>,
 }

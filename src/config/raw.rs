@@ -56,6 +56,7 @@ pub(super) struct RawUpstream {
     pub(super) move_grace: Option<Duration>,
     pub(super) dns_server: Option<String>,
     pub(super) pool_size: Option<i64>,
+    pub(super) reuse: Option<bool>,
     #[serde(with = "humantime_serde")]
     pub(super) connect_timeout: Option<Duration>,
     #[serde(with = "humantime_serde")]

@@ -27,6 +27,7 @@ pub(super) fn validate(
 ) -> Result<Config, ConfigErrors> {
     let e = &mut errors;
     let listen = listen(raw.listen, e);
+    let reuse_asked = raw.upstream.reuse == Some(true);
     let mut upstream = upstream(raw.upstream, e);
     let protocol = listen.as_ref().map(|l| l.protocol).unwrap_or_default();
     if let Some(u) = upstream.as_mut() {
@@ -43,6 +44,13 @@ pub(super) fn validate(
         }
         if raw.handshake.client_name.is_some() || raw.handshake.database.is_some() {
             e.add("handshake", tcp_mode);
+        }
+        if reuse_asked {
+            e.add("upstream.reuse", tcp_mode);
+        }
+        // Nothing to RESET on a connection that is not Redis: pooled ones are used once.
+        if let Some(u) = upstream.as_mut() {
+            u.reuse = false;
         }
     }
     let no_credentials = raw.credentials.source.is_none() && raw.credentials.file.is_none();
@@ -248,9 +256,22 @@ fn upstream(mut raw: RawUpstream, errors: &mut ConfigErrors) -> Option<Upstream>
             0
         }
     };
+    // A returned connection waits in the pool like a ready one, within the same bound and
+    // under the same checks: without a pool there is nowhere to keep it.
+    let reuse = match raw.reuse {
+        Some(true) if pool_size == 0 => {
+            errors.add(
+                "upstream.reuse",
+                "needs upstream.pool_size above 0 (returned connections wait in the pool)",
+            );
+            false
+        }
+        reuse => reuse.unwrap_or(pool_size > 0),
+    };
     Some(Upstream {
         discovery: Arc::new(Discovery::new(source?, policy)),
         pool_size,
+        reuse,
         protocol: Protocol::default(),
         resolver: resolver?,
         connect_timeout,

@@ -25,6 +25,8 @@ pub use moves::Moves;
 use moves::Rest;
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
@@ -96,6 +98,9 @@ pub struct Context {
     /// Discovery's view of this session's upstream: when it is no longer the target, the
     /// session ends at an idle point. `None`: the upstream never moves.
     pub moves: Option<Moves>,
+    /// `upstream.reuse`: a client that leaves at an idle point leaves its upstream
+    /// connection open, and [`run`] hands it back.
+    pub reuse: bool,
 }
 
 /// Why a session ended, for the closing log line.
@@ -312,20 +317,25 @@ impl Activity {
     }
 }
 
+/// How a session ended.
+pub struct Ended<U> {
+    pub result: Result<Close, RelayError>,
+    pub traffic: Traffic,
+    /// The upstream connection, when the client left it at an idle point with
+    /// [`Context::reuse`]: open, every reply relayed, to be RESET before another client.
+    pub upstream: Option<U>,
+}
+
 /// Relays between `client` and `upstream` until one side ends. `pending` holds client bytes
 /// read before the relay started.
-pub async fn run<C, U>(
-    client: C,
-    upstream: U,
-    ctx: &Context,
-    pending: BytesMut,
-) -> (Result<Close, RelayError>, Traffic)
+pub async fn run<C, U>(client: C, upstream: U, ctx: &Context, pending: BytesMut) -> Ended<U>
 where
     C: AsyncRead + AsyncWrite + Send,
-    U: AsyncRead + AsyncWrite + Send,
+    U: AsyncRead + AsyncWrite + Send + Unpin,
 {
     let (client_read, client_write) = tokio::io::split(client);
-    let (upstream_read, upstream_write) = tokio::io::split(upstream);
+    // Lent to the two sides, so that the connection can be put back together after them.
+    let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
     let expectations = Expectations::default();
     let from_client = AtomicU64::new(0);
     let to_client = AtomicU64::new(0);
@@ -335,34 +345,64 @@ where
         watched: ctx.idle_timeout.is_some(),
     };
 
-    let requests = requests::Requests::new(
-        client_read,
-        upstream_write,
-        &expectations,
-        ctx,
-        pending,
-        &from_client,
-        &activity,
-    )
-    .run();
-    let replies = replies::ReplyPump::new(
-        upstream_read,
-        client_write,
-        &expectations,
-        ctx,
-        &to_client,
-        &activity,
-    )
-    .run();
-    let idle = async {
-        match ctx.idle_timeout {
-            Some(limit) => activity.idle_for(limit).await,
-            None => std::future::pending().await,
-        }
+    // The two sides borrow the upstream's halves until this block ends.
+    let result = {
+        let requests = requests::Requests::new(
+            client_read,
+            &mut upstream_write,
+            &expectations,
+            ctx,
+            pending,
+            &from_client,
+            &activity,
+        )
+        .run();
+        let replies = replies::ReplyPump::new(
+            &mut upstream_read,
+            client_write,
+            &expectations,
+            ctx,
+            &to_client,
+            &activity,
+        )
+        .run();
+        let idle = async {
+            match ctx.idle_timeout {
+                Some(limit) => activity.idle_for(limit).await,
+                None => std::future::pending().await,
+            }
+        };
+        let moving = moves::moved(ctx.moves.as_ref(), &expectations);
+        // Pinned here and lent: moved into the callee, they would be stored twice in this
+        // future, which every session holds (RSS per idle client, tests/load.rs).
+        tokio::pin!(requests, replies, idle, moving);
+        relay_until_end(requests, replies, idle, moving, &expectations).await
     };
-    let moving = moves::moved(ctx.moves.as_ref(), &expectations);
-    tokio::pin!(requests, replies, idle, moving);
-    let result = tokio::select! {
+    if let (Ok(close), Some(m)) = (&result, &ctx.moves) {
+        m.closed(*close, &ctx.metrics);
+    }
+    let traffic = Traffic {
+        from_client: from_client.load(Ordering::Relaxed),
+        to_client: to_client.load(Ordering::Relaxed),
+    };
+    // Both sides are dropped by now: the reply side was waiting to read, with nothing owed.
+    let kept = matches!(result, Ok(Close::ClientClosed)) && expectations.rest.left_clean();
+    Ended {
+        result,
+        traffic,
+        upstream: kept.then(|| upstream_read.unsplit(upstream_write)),
+    }
+}
+
+/// Runs both sides, the idle timeout and the mover until the session ends.
+async fn relay_until_end(
+    mut requests: Pin<&mut impl Future<Output = Result<Close, RelayError>>>,
+    mut replies: Pin<&mut impl Future<Output = Result<Close, RelayError>>>,
+    mut idle: Pin<&mut impl Future<Output = ()>>,
+    mut moving: Pin<&mut impl Future<Output = moves::Moved>>,
+    expectations: &Expectations,
+) -> Result<Close, RelayError> {
+    tokio::select! {
         // The mover last: when it looks, both sides have just found nothing to read.
         biased;
         r = &mut replies => {
@@ -372,6 +412,9 @@ where
             r
         }
         r = &mut requests => match r {
+            // The client left at an idle point: nothing more will come from the upstream,
+            // which keeps its connection open for another client.
+            Ok(Close::ClientClosed) if expectations.rest.left_clean() => Ok(Close::ClientClosed),
             // The client is done sending. After a half-close the upstream answers what it
             // has read and closes, as it would for the client itself.
             Ok(Close::ClientClosed) => tokio::select! {
@@ -390,19 +433,11 @@ where
         how = &mut moving => match how {
             moves::Moved::Halt => {
                 // Failover: the client is no longer read; the replies it is owed come.
-                moves::finish(&mut replies, &expectations).await
+                moves::finish(&mut replies, expectations).await
             }
             moves::Moved::Now(close) => Ok(close),
         },
-    };
-    if let (Ok(close), Some(m)) = (&result, &ctx.moves) {
-        m.closed(*close, &ctx.metrics);
     }
-    let traffic = Traffic {
-        from_client: from_client.load(Ordering::Relaxed),
-        to_client: to_client.load(Ordering::Relaxed),
-    };
-    (result, traffic)
 }
 
 /// Reads and discards what a client still sends, until it closes or [`LINGER`] runs out.

@@ -84,6 +84,9 @@ pub(super) struct Rest {
     replies_owed_none: AtomicBool,
     /// ... and nothing arrives unasked: not subscribed or monitoring.
     replies_quiet: AtomicBool,
+    /// The client left at an idle point, and the client side kept the upstream connection
+    /// open (no half-close) for another client.
+    left_clean: AtomicBool,
 }
 
 impl Rest {
@@ -96,6 +99,14 @@ impl Rest {
         self.replies_owed_none.store(owed_none, Ordering::Relaxed);
         self.replies_quiet.store(quiet, Ordering::Relaxed);
     }
+
+    pub(super) fn leave_clean(&self) {
+        self.left_clean.store(true, Ordering::Relaxed);
+    }
+
+    pub(super) fn left_clean(&self) -> bool {
+        self.left_clean.load(Ordering::Relaxed)
+    }
 }
 
 impl Expectations {
@@ -105,7 +116,7 @@ impl Expectations {
     }
 
     /// Nothing pending either way, nothing half-done, nothing arriving unasked.
-    fn idle(&self) -> bool {
+    pub(super) fn idle(&self) -> bool {
         self.rest.requests_idle.load(Ordering::Relaxed)
             && self.rest.replies_quiet.load(Ordering::Relaxed)
             && self.replies_done()

@@ -97,6 +97,13 @@ where
     pub(super) async fn run(mut self) -> Result<Close, RelayError> {
         let end = self.pump().await;
         match end {
+            // Every reply relayed, nothing half-sent, nothing RESET cannot undo: the upstream
+            // connection can serve another client (`upstream.reuse`).
+            Ok(Close::ClientClosed)
+                if self.ctx.reuse && self.filter.reset_clears && self.expectations.idle() =>
+            {
+                self.expectations.rest.leave_clean();
+            }
             Ok(Close::ClientClosed) => {
                 // Half-close: Redis answers what it already read, then closes.
                 let _ = self.upstream.shutdown().await;

@@ -1,0 +1,406 @@
+//! `upstream.reuse`: a connection a client left clean is RESET, authenticated again and
+//! handed to the next client. A real Redis tells by `CLIENT ID` whether the next client got
+//! the previous one's connection, and by `CLIENT INFO` that it sees what a fresh connection
+//! sees; sessions that leave state RESET does not clear, or a reply stream the relay could
+//! not follow, never hand their connection on.
+
+mod common;
+
+use common::pki::Pki;
+use common::*;
+use redis_protocol::resp3::types::OwnedFrame;
+
+/// The profile's handshake, so that a reused connection must get it again after RESET.
+const HANDSHAKE: &str = "[handshake]\nclient_name = \"amb-reuse\"\ndatabase = 2\n";
+
+/// The `CLIENT INFO` fields that are connection state (not counters, ages or addresses).
+const STATE: [&str; 13] = [
+    "db", "name", "flags", "multi", "sub", "psub", "ssub", "watch", "user", "resp", "redir",
+    "lib-name", "lib-ver",
+];
+
+/// A server and an ambassador with two ready connections and `extra` upstream lines.
+async fn reusing(extra: &str) -> (RedisServer, Ambassador) {
+    let server = RedisServer::start(ServerAuth::app());
+    let dir = tempfile::tempdir().unwrap();
+    let profile = profile_for(&server, dir.path(), &format!("{HANDSHAKE}{NO_PROBES}")).replace(
+        "[upstream]\n",
+        &format!("[upstream]\npool_size = 2\n{extra}"),
+    );
+    let amb = Ambassador::with_config(load_config(dir.path(), &profile), dir).await;
+    wait_until("two ready connections", DEADLINE, || async {
+        amb.metric("ambassador_upstream_pool_ready", ("", "")).await == Some(2.0)
+    })
+    .await;
+    (server, amb)
+}
+
+fn id_of(frame: OwnedFrame) -> i64 {
+    match frame {
+        OwnedFrame::Number { data, .. } => data,
+        other => panic!("expected an ID, got {other:?}"),
+    }
+}
+
+/// The connection state `CLIENT INFO` shows, field by field.
+async fn state(client: &mut Raw) -> Vec<String> {
+    let info = text(&client.cmd(&["CLIENT", "INFO"]).await).expect("CLIENT INFO");
+    info.split_whitespace()
+        .filter(|kv| STATE.contains(&kv.split('=').next().unwrap_or_default()))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Sessions ended with reuse on, by what became of their connection.
+async fn returned(amb: &Ambassador, result: &str) -> f64 {
+    amb.metric(
+        "ambassador_upstream_pool_returned_total",
+        ("result", result),
+    )
+    .await
+    .unwrap_or(0.0)
+}
+
+/// Waits until `n` sessions have ended with their connection `result`.
+async fn wait_returned(amb: &Ambassador, result: &str, n: f64) {
+    let what = format!("{n} sessions ended {result}");
+    wait_until(&what, DEADLINE, || async {
+        returned(amb, result).await == n
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_next_client_gets_the_connection_reset_and_authenticated_as_new() {
+    let (_server, amb) = reusing("").await;
+    let mut first = amb.connect().await;
+    let fresh = state(&mut first).await;
+    assert!(fresh.contains(&"name=amb-reuse".to_owned()), "{fresh:?}");
+    assert!(fresh.contains(&"db=2".to_owned()), "{fresh:?}");
+    assert_eq!(first.cmd(&["SET", "k", "v"]).await, simple("OK"));
+    assert_eq!(first.cmd(&["GET", "k"]).await, bulk(b"v"));
+    let id = id_of(first.cmd(&["CLIENT", "ID"]).await);
+    drop(first);
+    wait_returned(&amb, "reused", 1.0).await;
+
+    let mut next = amb.connect().await;
+    assert_eq!(id_of(next.cmd(&["CLIENT", "ID"]).await), id, "not reused");
+    assert_eq!(next.cmd(&["ACL", "WHOAMI"]).await, bulk(USER.as_bytes()));
+    assert_eq!(next.cmd(&["CLIENT", "GETNAME"]).await, bulk(b"amb-reuse"));
+    assert_eq!(
+        next.cmd(&["GET", "k"]).await,
+        bulk(b"v"),
+        "the profile's db"
+    );
+    assert_eq!(state(&mut next).await, fresh);
+    assert_eq!(
+        amb.metric("ambassador_upstream_pool_taken_total", ("from", "ready"))
+            .await,
+        Some(2.0)
+    );
+    drop(next);
+    amb.stop().await;
+}
+
+#[tokio::test]
+async fn a_tls_connection_is_reused_without_a_new_handshake() {
+    let pki = Pki::new();
+    let server = RedisServer::start_tls(ServerAuth::app(), &ServerTls::new(&pki));
+    let dir = tempfile::tempdir().unwrap();
+    let profile = format!(
+        "[listen]\naddress = \"127.0.0.1:0\"\n[upstream]\naddress = \"{}\"\npool_size = 2\n\
+         [upstream.tls]\nenabled = true\nserver_name = \"localhost\"\nca_file = \"{}\"\n\
+         [credentials]\nfile = \"{}\"\n{HANDSHAKE}{NO_PROBES}",
+        server.tls_addr("127.0.0.1"),
+        pki.ca.display(),
+        server.credential_file(dir.path()).display()
+    );
+    let amb = Ambassador::with_config(load_config(dir.path(), &profile), dir).await;
+    wait_until("two ready connections", DEADLINE, || async {
+        amb.metric("ambassador_upstream_pool_ready", ("", "")).await == Some(2.0)
+    })
+    .await;
+    let mut first = amb.connect().await;
+    let fresh = state(&mut first).await;
+    let id = id_of(first.cmd(&["CLIENT", "ID"]).await);
+    assert_eq!(first.cmd(&["SELECT", "5"]).await, simple("OK"));
+    drop(first);
+    wait_returned(&amb, "reused", 1.0).await;
+
+    let mut next = amb.connect().await;
+    assert_eq!(id_of(next.cmd(&["CLIENT", "ID"]).await), id);
+    assert_eq!(next.cmd(&["ACL", "WHOAMI"]).await, bulk(USER.as_bytes()));
+    assert_eq!(state(&mut next).await, fresh);
+    // One TLS handshake (full or resumed) counted for two sessions on one connection.
+    let mut handshakes = 0.0;
+    for kind in ["full", "resumed"] {
+        let n = amb.metric("ambassador_upstream_tls_handshakes_total", ("kind", kind));
+        handshakes += n.await.unwrap_or(0.0);
+    }
+    assert_eq!(handshakes, 1.0);
+    drop(next);
+    amb.stop().await;
+}
+
+/// How the first client leaves its last command.
+#[derive(Clone, Copy, PartialEq)]
+enum Last {
+    /// Its reply read.
+    Answered,
+    /// No reply comes (CLIENT REPLY OFF).
+    Silent,
+    /// Blocked in the server, the client gone before its reply.
+    Blocked,
+}
+
+/// A first client sends `commands` and leaves; the next client must see exactly what a
+/// fresh connection sees, and gets the first one's connection only if `reused`.
+async fn after(commands: &[&[&str]], last: Last, reused: bool) {
+    let (server, amb) = reusing("").await;
+    let mut first = amb.connect().await;
+    let fresh = state(&mut first).await;
+    let id = id_of(first.cmd(&["CLIENT", "ID"]).await);
+    let (last_command, before) = commands.split_last().unwrap();
+    for c in before {
+        first.cmd(c).await;
+    }
+    first.send(&command(last_command)).await;
+    match last {
+        Last::Answered => drop(first.reply().await),
+        Last::Silent => {}
+        Last::Blocked => wait_blocked_clients(&server, 1).await,
+    }
+    drop(first);
+    let (want, other) = match reused {
+        true => ("reused", "dirty"),
+        false => ("dirty", "reused"),
+    };
+    wait_returned(&amb, want, 1.0).await;
+    assert_eq!(returned(&amb, other).await, 0.0);
+
+    let mut next = amb.connect().await;
+    let next_id = id_of(next.cmd(&["CLIENT", "ID"]).await);
+    assert_eq!(next_id == id, reused, "{commands:?}: {next_id} after {id}");
+    assert_eq!(state(&mut next).await, fresh, "after {commands:?}");
+    assert_eq!(next.cmd(&["PING"]).await, simple("PONG"));
+    drop(next);
+    amb.stop().await;
+}
+
+#[tokio::test]
+async fn select_and_setname_are_undone_by_the_reset() {
+    after(
+        &[&["SELECT", "3"], &["CLIENT", "SETNAME", "x"]],
+        Last::Answered,
+        true,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_watch_and_resp3_are_undone_by_the_reset() {
+    after(&[&["WATCH", "k"], &["HELLO", "3"]], Last::Answered, true).await;
+}
+
+#[tokio::test]
+async fn a_client_that_left_inside_multi_is_not_reused() {
+    after(&[&["MULTI"], &["SET", "k", "v"]], Last::Answered, false).await;
+}
+
+#[tokio::test]
+async fn a_subscriber_is_not_reused() {
+    after(&[&["SUBSCRIBE", "c"]], Last::Answered, false).await;
+}
+
+#[tokio::test]
+async fn a_subscriber_is_not_reused_even_after_unsubscribing() {
+    after(
+        &[&["SUBSCRIBE", "c"], &["UNSUBSCRIBE", "c"]],
+        Last::Answered,
+        false,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn client_reply_off_is_not_reused() {
+    after(&[&["CLIENT", "REPLY", "OFF"]], Last::Silent, false).await;
+}
+
+#[tokio::test]
+async fn a_monitor_is_not_reused() {
+    after(&[&["MONITOR"]], Last::Answered, false).await;
+}
+
+#[tokio::test]
+async fn a_pending_blocking_pop_is_not_reused() {
+    after(&[&["BLPOP", "nothing-here", "0"]], Last::Blocked, false).await;
+}
+
+#[tokio::test]
+async fn client_no_evict_is_not_reused() {
+    // Redis 7.0's RESET keeps CLIENT NO-EVICT: the next client would inherit it.
+    after(&[&["CLIENT", "NO-EVICT", "ON"]], Last::Answered, false).await;
+}
+
+#[tokio::test]
+async fn script_debug_is_not_reused() {
+    // RESET keeps CLIENT_LUA_DEBUG: the next client's EVAL would start the debugger.
+    after(&[&["SCRIPT", "DEBUG", "YES"]], Last::Answered, false).await;
+}
+
+#[tokio::test]
+async fn reuse_can_be_turned_off() {
+    let (server, amb) = reusing("reuse = false\n").await;
+    let mut first = amb.connect().await;
+    let id = id_of(first.cmd(&["CLIENT", "ID"]).await).to_string();
+    drop(first);
+    // The server sees the connection go, as it would without a pool.
+    let auth = server.auth.auth_command();
+    let gone = || async {
+        let list = query(&server.addr(), Some(&auth), &["CLIENT", "LIST", "ID", &id]).await;
+        list.as_ref()
+            .and_then(text)
+            .is_some_and(|l| l.trim().is_empty())
+    };
+    wait_until("the first client's connection is closed", DEADLINE, gone).await;
+    let scrape = amb.scrape().await;
+    assert!(
+        !scrape
+            .samples
+            .iter()
+            .any(|s| s.metric == "ambassador_upstream_pool_returned_total"),
+        "nothing is returned with reuse off"
+    );
+    let mut next = amb.connect().await;
+    assert_eq!(next.cmd(&["PING"]).await, simple("PONG"));
+    // And a take refills at once, as without reuse.
+    wait_until("the pool refilled", DEADLINE, || async {
+        amb.metric("ambassador_upstream_pool_ready", ("", "")).await == Some(2.0)
+    })
+    .await;
+    drop(next);
+    amb.stop().await;
+}
+
+#[tokio::test]
+async fn after_a_rotation_a_returned_connection_is_not_handed_out() {
+    let (server, amb) = reusing("").await;
+    let mut first = amb.connect().await;
+    let id = id_of(first.cmd(&["CLIENT", "ID"]).await);
+    drop(first);
+    wait_returned(&amb, "reused", 1.0).await;
+
+    let mut admin = server.direct().await;
+    admin
+        .cmd(&[
+            "ACL",
+            "SETUSER",
+            "rotated",
+            "on",
+            ">rotated-pass-1",
+            "~*",
+            "&*",
+            "+@all",
+        ])
+        .await;
+    let path = amb.dir.path().join("redis-credentials");
+    let tmp = path.with_extension("tmp");
+    std::fs::write(
+        &tmp,
+        "username = \"rotated\"\npassword = \"rotated-pass-1\"\n",
+    )
+    .unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    wait_until("the new credentials are applied", DEADLINE, || async {
+        amb.metric("ambassador_credential_reloads_total", ("result", "applied"))
+            .await
+            == Some(1.0)
+    })
+    .await;
+
+    let mut next = amb.connect().await;
+    assert_eq!(next.cmd(&["ACL", "WHOAMI"]).await, bulk(b"rotated"));
+    assert_ne!(id_of(next.cmd(&["CLIENT", "ID"]).await), id);
+    assert_eq!(next.cmd(&["CLIENT", "GETNAME"]).await, bulk(b"amb-reuse"));
+    drop(next);
+    amb.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_whose_reauthentication_fails_is_dropped() {
+    let (server, amb) = reusing("").await;
+    let mut first = amb.connect().await;
+    let id = id_of(first.cmd(&["CLIENT", "ID"]).await);
+    // The profile's user is disabled while the client is connected: its connection stays
+    // authenticated, but the AUTH after RESET is refused.
+    let mut admin = server.direct().await;
+    admin.cmd(&["ACL", "SETUSER", USER, "off"]).await;
+    drop(first);
+    wait_returned(&amb, "failed", 1.0).await;
+    admin.cmd(&["ACL", "SETUSER", USER, "on"]).await;
+
+    let mut next = amb.connect().await;
+    assert_ne!(id_of(next.cmd(&["CLIENT", "ID"]).await), id);
+    assert_eq!(next.cmd(&["ACL", "WHOAMI"]).await, bulk(USER.as_bytes()));
+    drop(next);
+    amb.stop().await;
+}
+
+#[test]
+fn reuse_is_for_redis_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let profile = "[listen]\naddress = \"127.0.0.1:0\"\nprotocol = \"tcp\"\n[upstream]\naddress = \"a:1\"\npool_size = 2\nreuse = true\n";
+    let errors = try_load_config(dir.path(), profile)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        errors.contains("upstream.reuse: not with listen.protocol = \"tcp\""),
+        "{errors}"
+    );
+    // Without the key, a TCP ambassador's pool connections are used once.
+    let profile = profile.replace("reuse = true\n", "");
+    assert!(!load_config(dir.path(), &profile).upstream.reuse);
+}
+
+#[test]
+fn reuse_needs_a_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let profile = "[listen]\naddress = \"127.0.0.1:0\"\n[upstream]\naddress = \"a:1\"\nreuse = true\n[credentials]\nfile = \"/nonexistent\"\n";
+    let errors = try_load_config(dir.path(), profile)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        errors.contains("upstream.reuse: needs upstream.pool_size above 0"),
+        "{errors}"
+    );
+}
+
+#[tokio::test]
+async fn the_pool_keeps_no_more_than_its_size() {
+    let (server, amb) = reusing("").await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let mut c = amb.connect().await;
+        assert_eq!(c.cmd(&["PING"]).await, simple("PONG"));
+        clients.push(c);
+    }
+    drop(clients);
+    wait_until("all three sessions accounted for", DEADLINE, || async {
+        returned(&amb, "reused").await + returned(&amb, "full").await == 3.0
+    })
+    .await;
+    assert!(returned(&amb, "full").await >= 1.0);
+    // Whatever the pool made meanwhile, it holds two: the server sees two of the app's
+    // connections besides the one asking.
+    let auth = server.auth.auth_command();
+    wait_until("two connections of the app's left", DEADLINE, || async {
+        let list = query(&server.addr(), Some(&auth), &["CLIENT", "LIST"]).await;
+        let list = list.as_ref().and_then(text).unwrap_or_default();
+        let user = format!(" user={USER} ");
+        let apps = list.lines().filter(|l| l.contains(&user));
+        apps.filter(|l| !l.contains("cmd=client|list")).count() == 2
+    })
+    .await;
+    amb.stop().await;
+}
