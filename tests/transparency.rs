@@ -53,6 +53,34 @@ async fn client_id(c: &mut Raw) -> String {
     }
 }
 
+/// Keeps `pid`'s thread (0: the calling one) on the CPU the caller runs on now.
+///
+/// Loopback delivery is first in, first out per CPU: a segment is queued on the backlog of
+/// the CPU its sender runs on, and a busy CPU may leave its backlog to later. A sender that
+/// moved between two writes can see the second delivered first (seen: 11 of 2000 pairs, up to
+/// 1 ms apart, with the other tests running beside). Each sender on one CPU measures the
+/// ambassador, not the kernel.
+fn pin(pid: u32) {
+    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET writes inside it; the call reads it.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        assert!(
+            cpu >= 0,
+            "sched_getcpu: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        let done = libc::sched_setaffinity(pid as libc::pid_t, std::mem::size_of_val(&set), &set);
+        assert_eq!(
+            done,
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Ends a round with a command on A, so that A is the connection Redis read last.
 ///
 /// Redis's event loop asks epoll (level-triggered) which sockets are ready and serves them in
@@ -116,6 +144,8 @@ async fn commands_on_two_connections_reach_redis_in_the_order_they_were_sent() {
     let server = RedisServer::start(ServerAuth::app());
     let dir = tempfile::tempdir().unwrap();
     let bin = binary_for(&server, dir.path(), &[NO_PROBES_ENV]);
+    pin(0);
+    pin(bin.pid());
     let started = Instant::now();
     let mut a = Raw::connect(&bin.addr).await;
     let mut b = Raw::connect(&bin.addr).await;
@@ -358,6 +388,8 @@ async fn the_ambassador_forwards_commands_from_two_connections_in_arrival_order(
         ],
         &[NO_PROBES_ENV],
     );
+    pin(0);
+    pin(bin.pid());
     upstream.wait_for_stamps().await;
     // The method itself: the test's own two writes, straight to the stand-in.
     let mut a = Raw::connect(&upstream.addr).await;
