@@ -90,38 +90,15 @@ async fn connections_the_server_closed_are_never_handed_out() {
 #[tokio::test]
 async fn after_a_rotation_only_connections_with_the_new_credentials_are_used() {
     let (server, amb) = pooled("").await;
-    let mut admin = server.direct().await;
-    admin
-        .cmd(&[
-            "ACL",
-            "SETUSER",
-            "rotated",
-            "on",
-            ">rotated-pass-1",
-            "~*",
-            "&*",
-            "+@all",
-        ])
-        .await;
+    server.add_user("rotated", "rotated-pass-1").await;
     let secret = amb.dir.path().join("credentials.toml");
     let path = std::fs::read_dir(amb.dir.path())
         .unwrap()
         .map(|e| e.unwrap().path())
         .find(|p| std::fs::read_to_string(p).is_ok_and(|t| t.contains(PASSWORD)))
         .unwrap_or(secret);
-    let tmp = path.with_extension("tmp");
-    std::fs::write(
-        &tmp,
-        "username = \"rotated\"\npassword = \"rotated-pass-1\"\n",
-    )
-    .unwrap();
-    std::fs::rename(&tmp, &path).unwrap();
-    wait_until("the new credentials are applied", DEADLINE, || async {
-        amb.metric("ambassador_credential_reloads_total", ("result", "applied"))
-            .await
-            == Some(1.0)
-    })
-    .await;
+    amb.rotate_credentials(&path, "rotated", "rotated-pass-1", 1.0)
+        .await;
     let mut client = amb.connect().await;
     assert_eq!(client.cmd(&["ACL", "WHOAMI"]).await, bulk(b"rotated"));
     drop(client);

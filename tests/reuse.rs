@@ -291,33 +291,10 @@ async fn after_a_rotation_a_returned_connection_is_not_handed_out() {
     drop(first);
     wait_returned(&amb, "reused", 1.0).await;
 
-    let mut admin = server.direct().await;
-    admin
-        .cmd(&[
-            "ACL",
-            "SETUSER",
-            "rotated",
-            "on",
-            ">rotated-pass-1",
-            "~*",
-            "&*",
-            "+@all",
-        ])
-        .await;
+    server.add_user("rotated", "rotated-pass-1").await;
     let path = amb.dir.path().join("redis-credentials");
-    let tmp = path.with_extension("tmp");
-    std::fs::write(
-        &tmp,
-        "username = \"rotated\"\npassword = \"rotated-pass-1\"\n",
-    )
-    .unwrap();
-    std::fs::rename(&tmp, &path).unwrap();
-    wait_until("the new credentials are applied", DEADLINE, || async {
-        amb.metric("ambassador_credential_reloads_total", ("result", "applied"))
-            .await
-            == Some(1.0)
-    })
-    .await;
+    amb.rotate_credentials(&path, "rotated", "rotated-pass-1", 1.0)
+        .await;
 
     let mut next = amb.connect().await;
     assert_eq!(next.cmd(&["ACL", "WHOAMI"]).await, bulk(b"rotated"));

@@ -415,20 +415,7 @@ const ROTATED_USER: &str = "app-rotated";
 const ROTATED_PASSWORD: &str = "rotated-secret-91";
 
 async fn rotating_ambassador(server: &RedisServer) -> (Ambassador, std::path::PathBuf) {
-    let mut admin = server.direct().await;
-    let setuser = admin
-        .cmd(&[
-            "ACL",
-            "SETUSER",
-            ROTATED_USER,
-            "on",
-            &format!(">{ROTATED_PASSWORD}"),
-            "~*",
-            "&*",
-            "+@all",
-        ])
-        .await;
-    assert_eq!(setuser, simple("OK"));
+    server.add_user(ROTATED_USER, ROTATED_PASSWORD).await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("credentials.toml");
     std::fs::write(&file, server.auth.credential_file()).unwrap();
@@ -444,19 +431,8 @@ async fn rotating_ambassador(server: &RedisServer) -> (Ambassador, std::path::Pa
 /// Rotates to the second user and waits until the ambassador applied it and a new session
 /// was served with it (by then every open session has been told).
 async fn rotate(amb: &Ambassador, file: &std::path::Path) {
-    let tmp = file.with_extension("new");
-    std::fs::write(
-        &tmp,
-        format!("username = \"{ROTATED_USER}\"\npassword = \"{ROTATED_PASSWORD}\"\n"),
-    )
-    .unwrap();
-    std::fs::rename(&tmp, file).unwrap();
-    wait_until("the rotation is applied", DEADLINE, || async {
-        amb.metric("ambassador_credential_reloads_total", ("result", "applied"))
-            .await
-            == Some(1.0)
-    })
-    .await;
+    amb.rotate_credentials(file, ROTATED_USER, ROTATED_PASSWORD, 1.0)
+        .await;
     let mut fresh = amb.connect().await;
     assert_eq!(
         fresh.cmd(&["ACL", "WHOAMI"]).await,

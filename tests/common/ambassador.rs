@@ -173,6 +173,25 @@ impl Ambassador {
         format!("redis://{}", self.addr)
     }
 
+    /// Rotates the credential file at `path` to `user` and `password` (a new file renamed over
+    /// it, as an editor or a secret mount does) and waits until the ambassador has applied
+    /// `applied` reloads in all.
+    pub async fn rotate_credentials(&self, path: &Path, user: &str, password: &str, applied: f64) {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(
+            &tmp,
+            format!("username = \"{user}\"\npassword = \"{password}\"\n"),
+        )
+        .unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+        wait_until("the new credentials are applied", DEADLINE, || async {
+            self.metric("ambassador_credential_reloads_total", ("result", "applied"))
+                .await
+                == Some(applied)
+        })
+        .await;
+    }
+
     /// Stops accepting and waits for the drain to finish; fails if anything panicked.
     pub async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {

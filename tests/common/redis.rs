@@ -230,6 +230,16 @@ impl RedisServer {
     }
 
     /// A direct, authenticated raw connection.
+    /// Adds an ACL user with every right, for a rotation to switch to.
+    pub async fn add_user(&self, user: &str, password: &str) {
+        let mut admin = self.direct().await;
+        let password = format!(">{password}");
+        let added = admin
+            .cmd(&["ACL", "SETUSER", user, "on", &password, "~*", "&*", "+@all"])
+            .await;
+        assert_eq!(added, simple("OK"));
+    }
+
     pub async fn direct(&self) -> Raw {
         let mut raw = Raw::connect(&self.addr()).await;
         raw.send(&self.auth.auth_command()).await;
