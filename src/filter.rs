@@ -171,6 +171,12 @@ pub struct Filter {
 }
 
 impl Filter {
+    /// Without `upstream.reuse` no command is judged for it: `reset_clears` starts false.
+    pub fn judging_reuse(mut self, reuse: bool) -> Self {
+        self.reset_clears = reuse;
+        self
+    }
+
     pub fn new(password_required: bool) -> Self {
         Filter {
             password_required,
@@ -200,7 +206,10 @@ impl Filter {
         let name = cmd.arg(0).unwrap_or_default();
         let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
         // Judged by name alone, queued in MULTI, refused or not: a miss costs one reuse.
-        self.reset_clears &= leaves_no_trace(cmd);
+        // Once false (or without reuse) nothing is judged again, on a path every command takes.
+        if self.reset_clears {
+            self.reset_clears = leaves_no_trace(cmd);
+        }
         if is("auth") {
             return self.auth(cmd, password_ok);
         }

@@ -80,7 +80,7 @@ where
             // Redis's tighter limits for a connection that has not authenticated apply from
             // the first byte when the client must authenticate.
             framer: RequestFramer::new(ctx.downstream_password.is_none()),
-            filter: Filter::new(ctx.downstream_password.is_some()),
+            filter: Filter::new(ctx.downstream_password.is_some()).judging_reuse(ctx.reuse),
             stream_forwarded: true,
             mid_stream: false,
             stream_answer: None,
