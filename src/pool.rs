@@ -70,20 +70,24 @@ impl Pool {
     /// Keeps `connected`, RESET and authenticated with `credentials` just now, for the next
     /// client, if there is room; returns whether it was kept (else it is closed).
     pub fn give_back(&self, connected: Connected, credentials: Arc<Credentials>) -> bool {
-        let kept = {
-            let mut ready = self.lock();
-            let room = ready.len() < self.size;
-            if room {
-                ready.push_back(Ready {
-                    connected,
-                    credentials,
-                    made: Instant::now(),
-                });
-            }
-            room
-        };
+        let kept = self.keep(connected, credentials);
         self.wanted.notify_one();
         kept
+    }
+
+    /// Adds a connection made or given back just now, if there is room (given-back ones may
+    /// have filled it while another was being made); returns whether it was kept.
+    fn keep(&self, connected: Connected, credentials: Arc<Credentials>) -> bool {
+        let mut ready = self.lock();
+        let room = ready.len() < self.size;
+        if room {
+            ready.push_back(Ready {
+                connected,
+                credentials,
+                made: Instant::now(),
+            });
+        }
+        room
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Ready>> {
@@ -137,9 +141,11 @@ impl Pool {
         loop {
             self.prune(&credentials.current());
             // With reuse, a pool run dry refills whatever woke it (a take, an age-out).
-            let missing = match refill || self.lock().is_empty() {
-                true => self.size.saturating_sub(self.lock().len() + making.len()),
-                false => 0,
+            let ready = self.lock().len();
+            let missing = if refill || ready == 0 {
+                self.size.saturating_sub(ready + making.len())
+            } else {
+                0
             };
             for _ in 0..missing {
                 let (upstream, handshake) = (upstream.clone(), handshake.clone());
@@ -156,15 +162,7 @@ impl Pool {
                 _ = stop.cancelled() => return,
                 Some(done) = making.join_next() => match done {
                     Ok((made_with, Ok(connected))) => {
-                        let mut ready = self.lock();
-                        // Given-back connections may have filled the room meanwhile.
-                        if ready.len() < self.size {
-                            ready.push_back(Ready {
-                                connected,
-                                credentials: made_with,
-                                made: Instant::now(),
-                            });
-                        }
+                        self.keep(connected, made_with);
                         !self.reuse
                     }
                     Ok((_, Err(e))) => {
