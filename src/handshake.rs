@@ -106,6 +106,30 @@ pub fn check_reply(
     })
 }
 
+/// Reads and checks the reply to each of `cmds`. With `only_ok`, a reply other than `+OK` or
+/// an error is malformed: a connection readied for reuse must answer exactly that.
+async fn read_replies<S>(
+    stream: &mut S,
+    cmds: &Commands,
+    user: &str,
+    buf: &mut Vec<u8>,
+    only_ok: bool,
+) -> Result<(), HandshakeError>
+where
+    S: AsyncRead + Unpin,
+{
+    for index in 0..cmds.names.len() {
+        let reply = match read_frame(stream, buf).await? {
+            OwnedFrame::Error(e) => Err(e),
+            OwnedFrame::SimpleString(s) if s == b"OK" => Ok(()),
+            _ if only_ok => return Err(HandshakeError::Malformed),
+            _ => Ok(()),
+        };
+        check_reply(cmds, index, user, reply)?;
+    }
+    Ok(())
+}
+
 /// Runs the handshake on a fresh upstream connection; with `confirm_master`, `ROLE` is
 /// pipelined after it and must answer `master`.
 pub async fn run<S>(
@@ -125,13 +149,7 @@ where
             stream.write_all(b"*1\r\n$4\r\nROLE\r\n").await?;
         }
         let mut buf = Vec::with_capacity(256);
-        for index in 0..cmds.names.len() {
-            let reply = match read_frame(stream, &mut buf).await? {
-                OwnedFrame::Error(e) => Err(e),
-                _ => Ok(()),
-            };
-            check_reply(&cmds, index, credentials.username(), reply)?;
-        }
+        read_replies(stream, &cmds, credentials.username(), &mut buf, false).await?;
         if confirm_master {
             check_role(read_frame(stream, &mut buf).await?)?;
         }
@@ -172,14 +190,7 @@ where
             }
             _ => return Err(HandshakeError::Malformed),
         }
-        for index in 0..cmds.names.len() {
-            let reply = match read_frame(stream, &mut buf).await? {
-                OwnedFrame::SimpleString(s) if s == b"OK" => Ok(()),
-                OwnedFrame::Error(e) => Err(e),
-                _ => return Err(HandshakeError::Malformed),
-            };
-            check_reply(&cmds, index, credentials.username(), reply)?;
-        }
+        read_replies(stream, &cmds, credentials.username(), &mut buf, true).await?;
         if !buf.is_empty() {
             return Err(HandshakeError::Malformed);
         }
