@@ -185,7 +185,8 @@ struct StampedUpstream {
 
 impl StampedUpstream {
     /// Threads of its own, blocking: accept, then per connection read, stamp and answer
-    /// (`+OK` to AUTH and the rest, the argument to ECHO). They end with the test process.
+    /// (as [`FakeUpstream`] does: `+OK` to AUTH, the argument to ECHO). They end with the
+    /// test process.
     fn start() -> StampedUpstream {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         enable_stamps(std::os::fd::AsRawFd::as_raw_fd(&listener));
@@ -202,18 +203,8 @@ impl StampedUpstream {
         StampedUpstream { addr, segments }
     }
 
-    /// The receive stamp of the segment that carried `marker` (0: none).
-    fn stamp_of(&self, marker: &[u8]) -> i128 {
-        let segments = self.segments.lock().unwrap();
-        let found = segments
-            .iter()
-            .find(|(_, bytes)| bytes.windows(marker.len()).any(|w| w == marker));
-        found
-            .unwrap_or_else(|| panic!("{} never arrived", String::from_utf8_lossy(marker)))
-            .0
-    }
-
-    /// The receive stamp of every marker that starts with `prefix` (keyed by the rest of it).
+    /// The receive stamp (0: none) of every marker that starts with `prefix`, keyed by the
+    /// rest of it.
     fn stamps(&self, prefix: &str) -> std::collections::HashMap<String, i128> {
         let mut found = std::collections::HashMap::new();
         for (stamp, bytes) in self.segments.lock().unwrap().iter() {
@@ -234,7 +225,7 @@ impl StampedUpstream {
         for i in 0.. {
             let marker = format!("warm-up {i}");
             assert_eq!(c.cmd(&["ECHO", &marker]).await, bulk(marker.as_bytes()));
-            if self.stamp_of(format!("{marker}\r\n").as_bytes()) > 0 {
+            if self.stamps("warm-up ").get(&i.to_string()) > Some(&0) {
                 return;
             }
             assert!(
@@ -311,23 +302,7 @@ fn serve_stamped(mut stream: std::net::TcpStream, all: &Mutex<Vec<Segment>>) {
             .unwrap()
             .push((stamp.unwrap_or(0), bytes.clone()));
         pending.extend_from_slice(&bytes);
-        let mut out = Vec::new();
-        while let Some((frame, used)) = decode_any(&pending) {
-            pending.drain(..used);
-            out.extend(match frame {
-                OwnedFrame::Array { data, .. } if data.len() == 2 => match &data[1] {
-                    OwnedFrame::BlobString { data, .. } => {
-                        let mut r = format!("${}\r\n", data.len()).into_bytes();
-                        r.extend_from_slice(data);
-                        r.extend_from_slice(b"\r\n");
-                        r
-                    }
-                    _ => b"+OK\r\n".to_vec(),
-                },
-                _ => b"+OK\r\n".to_vec(),
-            });
-        }
-        if stream.write_all(&out).is_err() {
+        if stream.write_all(&answer_all(&mut pending)).is_err() {
             return;
         }
     }

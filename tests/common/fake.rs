@@ -47,12 +47,7 @@ impl FakeUpstream {
                     while let Ok(n @ 1..) = stream.read(&mut chunk).await {
                         all.lock().unwrap()[index].0.extend_from_slice(&chunk[..n]);
                         pending.extend_from_slice(&chunk[..n]);
-                        let mut out = Vec::new();
-                        while let Ok(Some((frame, used))) = decode(&pending) {
-                            pending.drain(..used);
-                            out.extend(answer(&frame));
-                        }
-                        if stream.write_all(&out).await.is_err() {
+                        if stream.write_all(&answer_all(&mut pending)).await.is_err() {
                             break;
                         }
                     }
@@ -95,6 +90,16 @@ impl Drop for FakeUpstream {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// The fake's replies to every whole command at the front of `pending`, which keeps the rest.
+pub fn answer_all(pending: &mut Vec<u8>) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Ok(Some((frame, used))) = decode(pending) {
+        pending.drain(..used);
+        out.extend(answer(&frame));
+    }
+    out
 }
 
 /// The fake's reply to one command.
