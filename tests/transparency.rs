@@ -597,3 +597,37 @@ async fn a_client_leaving_after_quit_releases_the_upstream_connection() {
     )
     .await;
 }
+
+/// A client that closes its sending side: Redis answers everything it already read, then
+/// closes; the ambassador ends a session at once only when nothing is owed (it skips the
+/// half-close round trip then). Both, byte for byte as directly.
+#[tokio::test]
+async fn a_half_closed_client_gets_every_reply_owed_then_the_close() {
+    let server = RedisServer::start(ServerAuth::app());
+    let amb = Ambassador::start(&server, NO_PROBES).await;
+    // (Not a blocked command: Redis drops a blocked client at its end of input, unanswered.)
+    let mut pipeline = Vec::new();
+    for i in 0..5000 {
+        pipeline.extend(command(&["ECHO", &i.to_string()]));
+    }
+    let mut seen = Vec::new();
+    for mut c in [server.direct().await, amb.connect().await] {
+        c.send(&pipeline).await;
+        c.stream.shutdown().await.unwrap();
+        seen.push(c.read_to_close().await);
+    }
+    assert!(
+        seen[0].ends_with(b"$4\r\n4999\r\n"),
+        "every reply, directly"
+    );
+    assert!(seen[0] == seen[1], "the same bytes through the ambassador");
+
+    // Nothing owed: the client reads the close right away, and Redis sees the client leave.
+    let mut observer = server.direct().await;
+    let mut c = amb.connect().await;
+    assert_eq!(c.cmd(&["PING"]).await, simple("PONG"));
+    wait_for_clients(&mut observer, 2, DEADLINE, "observer and the session").await;
+    c.stream.shutdown().await.unwrap();
+    assert!(c.read_to_close().await.is_empty());
+    wait_for_clients(&mut observer, 1, DEADLINE, "the session's upstream closed").await;
+}

@@ -412,9 +412,8 @@ async fn relay_until_end(
             r
         }
         r = &mut requests => match r {
-            // The client left at an idle point: nothing more will come from the upstream,
-            // which keeps its connection open for another client.
-            Ok(Close::ClientClosed) if expectations.rest.left_clean() => Ok(Close::ClientClosed),
+            // The client left at an idle point: nothing more will come from the upstream.
+            Ok(Close::ClientClosed) if expectations.rest.left_idle() => Ok(Close::ClientClosed),
             // The client is done sending. After a half-close the upstream answers what it
             // has read and closes, as it would for the client itself.
             Ok(Close::ClientClosed) => tokio::select! {

@@ -84,8 +84,10 @@ pub(super) struct Rest {
     replies_owed_none: AtomicBool,
     /// ... and nothing arrives unasked: not subscribed or monitoring.
     replies_quiet: AtomicBool,
-    /// The client left at an idle point, and the client side kept the upstream connection
-    /// open (no half-close) for another client.
+    /// The client left at an idle point: nothing owed either way, the session ends at once.
+    left_idle: AtomicBool,
+    /// ... and nothing RESET cannot undo was sent: the upstream connection can serve another
+    /// client (`upstream.reuse`).
     left_clean: AtomicBool,
 }
 
@@ -100,8 +102,13 @@ impl Rest {
         self.replies_quiet.store(quiet, Ordering::Relaxed);
     }
 
-    pub(super) fn leave_clean(&self) {
-        self.left_clean.store(true, Ordering::Relaxed);
+    pub(super) fn leave_idle(&self, clean: bool) {
+        self.left_idle.store(true, Ordering::Relaxed);
+        self.left_clean.store(clean, Ordering::Relaxed);
+    }
+
+    pub(super) fn left_idle(&self) -> bool {
+        self.left_idle.load(Ordering::Relaxed)
     }
 
     pub(super) fn left_clean(&self) -> bool {

@@ -97,12 +97,13 @@ where
     pub(super) async fn run(mut self) -> Result<Close, RelayError> {
         let end = self.pump().await;
         match end {
-            // Every reply relayed, nothing half-sent, nothing RESET cannot undo: the upstream
-            // connection can serve another client (`upstream.reuse`).
-            Ok(Close::ClientClosed)
-                if self.ctx.reuse && self.filter.reset_clears && self.expectations.idle() =>
-            {
-                self.expectations.rest.leave_clean();
+            // Every reply relayed, nothing half-sent, nothing arriving unasked: the session
+            // ends now, and no half-close waits for Redis to close too (what a direct
+            // client's close leaves Redis is the same). Unless the client sent something
+            // RESET cannot undo, the connection can serve another client (`upstream.reuse`).
+            Ok(Close::ClientClosed) if self.expectations.idle() => {
+                let clean = self.ctx.reuse && self.filter.reset_clears;
+                self.expectations.rest.leave_idle(clean);
             }
             Ok(Close::ClientClosed) => {
                 // Half-close: Redis answers what it already read, then closes.
