@@ -96,11 +96,11 @@ where
     let metrics = &shared.metrics;
     if let Some(why) = metrics.mismatch() {
         let reply = format!("-ERR ambassador: upstream does not match the profile ({why})\r\n");
-        refuse(&mut client, reply.as_bytes()).await;
+        Box::pin(refuse(&mut client, reply.as_bytes())).await;
         return;
     }
     if shared.upstream.protocol == Protocol::Tcp {
-        return tcp::serve(client, &shared, started).await;
+        return Box::pin(tcp::serve(client, &shared, started)).await;
     }
     // Subscribed before reading, so a rotation in between is not missed.
     let mut credentials = shared.credentials.subscribe();
@@ -112,7 +112,8 @@ where
     let (upstream, upstream_addr, target, reused) = match connected {
         Ok(c) => (c.stream, c.addr, c.target, c.reused),
         Err(e) => {
-            refuse_unavailable(&mut client, metrics, &shared.upstream.discovery, e).await;
+            let refusal = refuse_unavailable(&mut client, metrics, &shared.upstream.discovery, e);
+            Box::pin(refusal).await;
             return;
         }
     };
@@ -169,7 +170,7 @@ where
             target,
             reused: true,
         });
-        shared.give_back(kept).await;
+        Box::pin(shared.give_back(kept)).await;
     }
 }
 

@@ -347,7 +347,11 @@ where
 
     // The two sides borrow the upstream's halves until this block ends.
     let result = {
-        let requests = requests::Requests::new(
+        // Each made in its pinned place: a future bound to a name and then pinned is kept
+        // twice in this future (the name's slot lives to the end of the block), and this
+        // future is what every session, idle or not, holds (RSS per idle client,
+        // tests/load.rs).
+        let requests = std::pin::pin!(requests::Requests::new(
             client_read,
             &mut upstream_write,
             &expectations,
@@ -356,8 +360,8 @@ where
             &from_client,
             &activity,
         )
-        .run();
-        let replies = replies::ReplyPump::new(
+        .run());
+        let replies = std::pin::pin!(replies::ReplyPump::new(
             &mut upstream_read,
             client_write,
             &expectations,
@@ -365,17 +369,14 @@ where
             &to_client,
             &activity,
         )
-        .run();
-        let idle = async {
+        .run());
+        let idle = std::pin::pin!(async {
             match ctx.idle_timeout {
                 Some(limit) => activity.idle_for(limit).await,
                 None => std::future::pending().await,
             }
-        };
-        let moving = moves::moved(ctx.moves.as_ref(), &expectations);
-        // Pinned here and lent: moved into the callee, they would be stored twice in this
-        // future, which every session holds (RSS per idle client, tests/load.rs).
-        tokio::pin!(requests, replies, idle, moving);
+        });
+        let moving = std::pin::pin!(moves::moved(ctx.moves.as_ref(), &expectations));
         relay_until_end(requests, replies, idle, moving, &expectations).await
     };
     if let (Ok(close), Some(m)) = (&result, &ctx.moves) {
