@@ -49,6 +49,52 @@ const CHUNK: usize = 64 * 1024;
 /// Read buffer size for each direction while it is quiet: what an idle session holds.
 const SMALL: usize = 1024;
 
+/// A client's connection as the relay uses it: two halves borrowed from it (no lock, no
+/// shared allocation: both sides run in one task), the read half able to wait for data
+/// before it has a buffer to read into.
+pub trait Client: Send {
+    type Read<'a>: AsyncRead + Readable + Unpin + Send
+    where
+        Self: 'a;
+    type Write<'a>: AsyncWrite + Unpin + Send
+    where
+        Self: 'a;
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>);
+}
+
+/// Waits until a read would find data (or the end, or an error).
+pub trait Readable {
+    fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send;
+}
+
+impl Client for tokio::net::TcpStream {
+    type Read<'a> = tokio::net::tcp::ReadHalf<'a>;
+    type Write<'a> = tokio::net::tcp::WriteHalf<'a>;
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
+        self.split()
+    }
+}
+
+impl Readable for tokio::net::tcp::ReadHalf<'_> {
+    fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send {
+        tokio::net::tcp::ReadHalf::readable(self)
+    }
+}
+
+impl Client for tokio::net::UnixStream {
+    type Read<'a> = tokio::net::unix::ReadHalf<'a>;
+    type Write<'a> = tokio::net::unix::WriteHalf<'a>;
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
+        self.split()
+    }
+}
+
+impl Readable for tokio::net::unix::ReadHalf<'_> {
+    fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send {
+        tokio::net::unix::ReadHalf::readable(self)
+    }
+}
+
 /// How much one side reads next. An idle session waits with a [`SMALL`] buffer on each side,
 /// not two of [`CHUNK`] (of which the allocator touched two pages each: 17 KiB of RSS per idle
 /// session). A read that fills the buffer asks for [`CHUNK`] next; once a read left room (the
@@ -61,9 +107,34 @@ struct Sizing {
 }
 
 impl Sizing {
+    /// Between two bursts: nothing left to use, the last read drained the socket. A side
+    /// that can wait for data without a buffer ([`Readable`]) holds none now.
+    fn quiet(&self, buf: &BytesMut) -> bool {
+        buf.is_empty() && !self.streaming
+    }
+
+    /// Reads from a side that can wait for data first: while it is quiet it holds no
+    /// buffer (an idle session's client side costs no memory), and takes one once data is
+    /// there.
+    async fn read_when_ready<R>(
+        &mut self,
+        from: &mut R,
+        buf: &mut BytesMut,
+    ) -> std::io::Result<usize>
+    where
+        R: AsyncRead + Readable + Unpin,
+    {
+        if self.quiet(buf) {
+            *buf = BytesMut::new();
+            from.readable().await?;
+        }
+        self.prepare(buf);
+        from.read_buf(buf).await
+    }
+
     /// Makes room in `buf` for the next read.
     fn prepare(&mut self, buf: &mut BytesMut) {
-        if buf.is_empty() && !self.streaming && buf.capacity() > SMALL {
+        if self.quiet(buf) && buf.capacity() > SMALL {
             *buf = BytesMut::with_capacity(SMALL);
         }
         buf.reserve(if self.streaming { CHUNK } else { SMALL });
@@ -328,12 +399,12 @@ pub struct Ended<U> {
 
 /// Relays between `client` and `upstream` until one side ends. `pending` holds client bytes
 /// read before the relay started.
-pub async fn run<C, U>(client: C, upstream: U, ctx: &Context, pending: BytesMut) -> Ended<U>
+pub async fn run<C, U>(mut client: C, upstream: U, ctx: &Context, pending: BytesMut) -> Ended<U>
 where
-    C: AsyncRead + AsyncWrite + Send,
+    C: Client,
     U: AsyncRead + AsyncWrite + Send + Unpin,
 {
-    let (client_read, client_write) = tokio::io::split(client);
+    let (client_read, client_write) = client.halves();
     // Lent to the two sides, so that the connection can be put back together after them.
     let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
     let expectations = Expectations::default();
@@ -469,6 +540,32 @@ mod tests {
         e.push(Expect::Local(b"+OK\r\n"));
         assert!(e.pushed().now_or_never().is_some());
         assert!(e.pushed().now_or_never().is_none(), "one push, one wake");
+    }
+
+    #[tokio::test]
+    async fn a_quiet_client_side_waits_for_data_without_a_buffer() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut accepted, _) = listener.accept().await.unwrap();
+        let (mut from, _) = accepted.halves();
+        let mut s = Sizing::default();
+        let mut buf = BytesMut::new();
+        let ping = b"*1\r\n$4\r\nPING\r\n";
+        for _ in 0..2 {
+            client.write_all(ping).await.unwrap();
+            let n = s.read_when_ready(&mut from, &mut buf).await.unwrap();
+            assert_eq!(&buf[..n], ping);
+            buf.clear();
+            // Used up, nothing more sent: the wait holds no buffer.
+            assert!(s
+                .read_when_ready(&mut from, &mut buf)
+                .now_or_never()
+                .is_none());
+            assert_eq!(buf.capacity(), 0, "nothing to read: no buffer held");
+        }
     }
 
     #[test]

@@ -9,7 +9,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{drain, io_err, Activity, Close, Context, Expect, Expectations, RelayError, Sizing};
+use super::{
+    drain, io_err, Activity, Close, Context, Expect, Expectations, Readable, RelayError, Sizing,
+};
 use crate::credentials::{Arg, Credentials, SecretBytes, HELLO_AUTH};
 use crate::filter::{self, Action, Filter, HelloPart, Replies};
 use crate::handshake;
@@ -57,7 +59,7 @@ struct Batch {
 
 impl<'c, R, W> Requests<'c, R, W>
 where
-    R: AsyncRead + Unpin,
+    R: AsyncRead + Readable + Unpin,
     W: AsyncWrite + Unpin,
 {
     pub(super) fn new(
@@ -136,11 +138,10 @@ where
             self.expectations
                 .rest
                 .requests(whole, whole && self.tracked && !self.filter.in_multi);
-            self.sizing.prepare(&mut self.buf);
             let watching = self.ctx.reauth_open_sessions && !self.reauth_due;
             let aging = self.reauth_at.filter(|_| !self.reauth_due);
             tokio::select! {
-                n = self.client.read_buf(&mut self.buf) => {
+                n = self.sizing.read_when_ready(&mut self.client, &mut self.buf) => {
                     let n = n.map_err(io_err("client"))?;
                     if n == 0 {
                         return Ok(Close::ClientClosed);
