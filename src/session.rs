@@ -90,7 +90,7 @@ impl Shared {
 /// Serves one client until either side closes.
 pub async fn serve<C>(mut client: C, shared: Arc<Shared>)
 where
-    C: relay::Client + AsyncRead + AsyncWrite + Unpin + Send,
+    C: relay::Halves + AsyncRead + AsyncWrite + Unpin + Send,
 {
     let started = Instant::now();
     let metrics = &shared.metrics;

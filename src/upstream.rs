@@ -10,10 +10,11 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
+use tokio::net::{tcp, TcpStream};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
+use tokio_util::either::Either;
 
 use crate::config::{Handshake, HostPort, Protocol, Upstream};
 use crate::credentials::Credentials;
@@ -132,6 +133,39 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A plain socket's halves are borrowed as they are; a TLS stream's share it through
+/// `tokio::io::split`'s lock.
+impl crate::relay::Halves for Stream {
+    type Read<'a> = Either<tcp::ReadHalf<'a>, ReadHalf<&'a mut TlsStream<TcpStream>>>;
+    type Write<'a> = Either<tcp::WriteHalf<'a>, WriteHalf<&'a mut TlsStream<TcpStream>>>;
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
+        match self {
+            Stream::Plain(s) => {
+                let (r, w) = s.split();
+                (Either::Left(r), Either::Left(w))
+            }
+            Stream::Tls(s) => {
+                let (r, w) = tokio::io::split(s.as_mut());
+                (Either::Right(r), Either::Right(w))
+            }
+        }
+    }
+}
+
+impl crate::relay::Readable for Either<tcp::ReadHalf<'_>, ReadHalf<&mut TlsStream<TcpStream>>> {
+    fn can_wait(&self) -> bool {
+        matches!(self, Either::Left(_))
+    }
+
+    async fn readable(&self) -> io::Result<()> {
+        match self {
+            Either::Left(r) => r.readable().await,
+            // Never asked (`can_wait`): decrypted data may wait in the TLS session.
+            Either::Right(_) => Ok(()),
         }
     }
 }

@@ -49,10 +49,10 @@ const CHUNK: usize = 64 * 1024;
 /// Read buffer size for each direction while it is quiet: what an idle session holds.
 const SMALL: usize = 1024;
 
-/// A client's connection as the relay uses it: two halves borrowed from it (no lock, no
-/// shared allocation: both sides run in one task), the read half able to wait for data
-/// before it has a buffer to read into.
-pub trait Client: Send {
+/// A connection as the relay uses it: two halves borrowed from it, so that it is whole again
+/// after the relay (to be reused) and, for a plain socket, with no lock or shared allocation
+/// (both sides run in one task); the read half can wait for data before it has a buffer.
+pub trait Halves: Send {
     type Read<'a>: AsyncRead + Readable + Unpin + Send
     where
         Self: 'a;
@@ -62,12 +62,19 @@ pub trait Client: Send {
     fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>);
 }
 
-/// Waits until a read would find data (or the end, or an error).
+/// A read half that may be able to wait until a read would find data (or the end, or an
+/// error) without reading.
 pub trait Readable {
+    /// Whether [`readable`](Self::readable) can: a TLS stream's plain socket may be quiet
+    /// while decrypted data waits in the TLS session.
+    fn can_wait(&self) -> bool {
+        true
+    }
+
     fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send;
 }
 
-impl Client for tokio::net::TcpStream {
+impl Halves for tokio::net::TcpStream {
     type Read<'a> = tokio::net::tcp::ReadHalf<'a>;
     type Write<'a> = tokio::net::tcp::WriteHalf<'a>;
     fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
@@ -81,7 +88,7 @@ impl Readable for tokio::net::tcp::ReadHalf<'_> {
     }
 }
 
-impl Client for tokio::net::UnixStream {
+impl Halves for tokio::net::UnixStream {
     type Read<'a> = tokio::net::unix::ReadHalf<'a>;
     type Write<'a> = tokio::net::unix::WriteHalf<'a>;
     fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
@@ -113,9 +120,9 @@ impl Sizing {
         buf.is_empty() && !self.streaming
     }
 
-    /// Reads from a side that can wait for data first: while it is quiet it holds no
-    /// buffer (an idle session's client side costs no memory), and takes one once data is
-    /// there.
+    /// Reads from `from` into `buf`. A side that can wait for data first holds no buffer
+    /// while it is quiet (an idle session's sides cost no memory), and takes one once data
+    /// is there.
     async fn read_when_ready<R>(
         &mut self,
         from: &mut R,
@@ -124,7 +131,7 @@ impl Sizing {
     where
         R: AsyncRead + Readable + Unpin,
     {
-        if self.quiet(buf) {
+        if self.quiet(buf) && from.can_wait() {
             *buf = BytesMut::new();
             from.readable().await?;
         }
@@ -399,14 +406,14 @@ pub struct Ended<U> {
 
 /// Relays between `client` and `upstream` until one side ends. `pending` holds client bytes
 /// read before the relay started.
-pub async fn run<C, U>(mut client: C, upstream: U, ctx: &Context, pending: BytesMut) -> Ended<U>
+pub async fn run<C, U>(mut client: C, mut upstream: U, ctx: &Context, pending: BytesMut) -> Ended<U>
 where
-    C: Client,
-    U: AsyncRead + AsyncWrite + Send + Unpin,
+    C: Halves,
+    U: Halves,
 {
     let (client_read, client_write) = client.halves();
-    // Lent to the two sides, so that the connection can be put back together after them.
-    let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
+    // Lent to the two sides, so that the connection is whole again after them.
+    let (upstream_read, upstream_write) = upstream.halves();
     let expectations = Expectations::default();
     let from_client = AtomicU64::new(0);
     let to_client = AtomicU64::new(0);
@@ -416,7 +423,7 @@ where
         watched: ctx.idle_timeout.is_some(),
     };
 
-    // The two sides borrow the upstream's halves until this block ends.
+    // The two sides hold the connections' halves until this block ends.
     let result = {
         // Each made in its pinned place: a future bound to a name and then pinned is kept
         // twice in this future (the name's slot lives to the end of the block), and this
@@ -424,7 +431,7 @@ where
         // tests/load.rs).
         let requests = std::pin::pin!(requests::Requests::new(
             client_read,
-            &mut upstream_write,
+            upstream_write,
             &expectations,
             ctx,
             pending,
@@ -433,7 +440,7 @@ where
         )
         .run());
         let replies = std::pin::pin!(replies::ReplyPump::new(
-            &mut upstream_read,
+            upstream_read,
             client_write,
             &expectations,
             ctx,
@@ -462,7 +469,7 @@ where
     Ended {
         result,
         traffic,
-        upstream: kept.then(|| upstream_read.unsplit(upstream_write)),
+        upstream: kept.then_some(upstream),
     }
 }
 

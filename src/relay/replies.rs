@@ -6,12 +6,13 @@ use std::io::ErrorKind;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::frames::{Class, Mode};
 use super::Moves;
 use super::{
-    io_err, Activity, Close, Context, Expect, Expectations, RelayError, Sizing, AUTH_FAILED,
+    io_err, Activity, Close, Context, Expect, Expectations, Readable, RelayError, Sizing,
+    AUTH_FAILED,
 };
 use crate::resp::{Boundary, Frame, ReplyFramer};
 
@@ -55,7 +56,7 @@ enum Head {
 
 impl<'t, R, W> ReplyPump<'t, R, W>
 where
-    R: AsyncRead + Unpin,
+    R: AsyncRead + Readable + Unpin,
     W: AsyncWrite + Unpin,
 {
     pub(super) fn new(
@@ -101,14 +102,13 @@ where
                 self.mode.quiet(),
             );
             chunk.clear();
-            sizing.prepare(&mut chunk);
             tokio::select! {
                 // Expectations first: a reply can only be matched once its command is known.
                 biased;
                 _ = self.expectations.pushed() => {
                     self.expectations.take_into(&mut self.queue);
                 }
-                n = self.upstream.read_buf(&mut chunk) => {
+                n = sizing.read_when_ready(&mut self.upstream, &mut chunk) => {
                     let n = match self.upstream_ended(n)? {
                         None => return Ok(Close::UpstreamClosed),
                         Some(n) => n,
