@@ -108,8 +108,8 @@ where
     // Watched from before the connection, so a move while connecting is not missed.
     let discovery = &shared.upstream.discovery;
     let choice = discovery.moves().then(|| discovery.subscribe());
-    let connected = shared.connect(&current).await;
-    let (upstream, upstream_addr, target, reused) = match connected {
+    // Matched as it comes: a named result would keep its room to the end.
+    let (mut upstream, upstream_addr, target, reused) = match shared.connect(&current).await {
         Ok(c) => (c.stream, c.addr, c.target, c.reused),
         Err(e) => {
             let refusal = refuse_unavailable(&mut client, metrics, &shared.upstream.discovery, e);
@@ -140,7 +140,10 @@ where
         moves,
         reuse: shared.upstream.reuse,
     };
-    let ended = relay::run(client, upstream, &ctx, BytesMut::new()).await;
+    let ended = relay::run(&mut client, &mut upstream, &ctx, BytesMut::new()).await;
+    // Closed now unless kept: the log line and the give-back come after.
+    drop(client);
+    let upstream = ended.reusable.then_some(upstream);
     let (result, traffic) = (ended.result, ended.traffic);
     metrics.relayed(traffic.from_client, traffic.to_client);
     if let Err(RelayError::Io { side, source }) = &result {
@@ -164,7 +167,7 @@ where
         "session closed"
     );
     if let Some(target) = kept_target {
-        let kept = ended.upstream.map(|stream| Connected {
+        let kept = upstream.map(|stream| Connected {
             stream,
             addr: upstream_addr,
             target,

@@ -396,17 +396,18 @@ impl Activity {
 }
 
 /// How a session ended.
-pub struct Ended<U> {
+pub struct Ended {
     pub result: Result<Close, RelayError>,
     pub traffic: Traffic,
-    /// The upstream connection, when the client left it at an idle point with
-    /// [`Context::reuse`]: open, every reply relayed, to be RESET before another client.
-    pub upstream: Option<U>,
+    /// The client left the upstream connection at an idle point with [`Context::reuse`]:
+    /// open, every reply relayed, to be RESET before another client.
+    pub reusable: bool,
 }
 
 /// Relays between `client` and `upstream` until one side ends. `pending` holds client bytes
-/// read before the relay started.
-pub async fn run<C, U>(mut client: C, mut upstream: U, ctx: &Context, pending: BytesMut) -> Ended<U>
+/// read before the relay started. Both connections are borrowed (owned, they would be kept
+/// twice in this future: as arguments and as bindings).
+pub async fn run<C, U>(client: &mut C, upstream: &mut U, ctx: &Context, pending: BytesMut) -> Ended
 where
     C: Halves,
     U: Halves,
@@ -425,11 +426,12 @@ where
 
     // The two sides hold the connections' halves until this block ends.
     let result = {
-        // Each made in its pinned place: a future bound to a name and then pinned is kept
-        // twice in this future (the name's slot lives to the end of the block), and this
-        // future is what every session, idle or not, holds (RSS per idle client,
-        // tests/load.rs).
-        let requests = std::pin::pin!(requests::Requests::new(
+        // This future is what every session, idle or not, holds (RSS per idle client,
+        // tests/load.rs), so nothing in it is kept twice: each side's state is a local its
+        // future borrows (a future that owns it keeps it twice, as an argument and as a
+        // binding), and each future is made in its pinned place (a future bound to a name
+        // and then pinned keeps the name's slot to the end of the block).
+        let mut request_side = requests::Requests::new(
             client_read,
             upstream_write,
             &expectations,
@@ -437,24 +439,27 @@ where
             pending,
             &from_client,
             &activity,
-        )
-        .run());
-        let replies = std::pin::pin!(replies::ReplyPump::new(
+        );
+        let mut reply_side = replies::ReplyPump::new(
             upstream_read,
             client_write,
             &expectations,
             ctx,
             &to_client,
             &activity,
-        )
-        .run());
-        let idle = std::pin::pin!(async {
-            match ctx.idle_timeout {
-                Some(limit) => activity.idle_for(limit).await,
-                None => std::future::pending().await,
-            }
-        });
-        let moving = std::pin::pin!(moves::moved(ctx.moves.as_ref(), &expectations));
+        );
+        let requests = std::pin::pin!(request_side.run());
+        let replies = std::pin::pin!(reply_side.run());
+        // The idle timeout and the mover hold a timer each: on the heap, and only when
+        // configured (`pending()` has no size, so its box allocates nothing).
+        let idle: Rare<'_, ()> = match ctx.idle_timeout {
+            Some(limit) => Box::pin(activity.idle_for(limit)),
+            None => Box::pin(std::future::pending()),
+        };
+        let moving: Rare<'_, moves::Moved> = match &ctx.moves {
+            Some(m) => Box::pin(moves::moved(m, &expectations)),
+            None => Box::pin(std::future::pending()),
+        };
         relay_until_end(requests, replies, idle, moving, &expectations).await
     };
     if let (Ok(close), Some(m)) = (&result, &ctx.moves) {
@@ -465,20 +470,25 @@ where
         to_client: to_client.load(Ordering::Relaxed),
     };
     // Both sides are dropped by now: the reply side was waiting to read, with nothing owed.
-    let kept = matches!(result, Ok(Close::ClientClosed)) && expectations.rest.left_clean();
+    let reusable = matches!(result, Ok(Close::ClientClosed)) && expectations.rest.left_clean();
     Ended {
         result,
         traffic,
-        upstream: kept.then_some(upstream),
+        reusable,
     }
 }
 
-/// Runs both sides, the idle timeout and the mover until the session ends.
+/// A future a session rarely needs, boxed: inline it would enlarge every session's future,
+/// which is most of what an idle session holds (RSS per idle client, tests/load.rs).
+type Rare<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Runs both sides, the idle timeout and the mover until the session ends. What it waits on
+/// after one of them ended is boxed (see [`Rare`]).
 async fn relay_until_end(
     mut requests: Pin<&mut impl Future<Output = Result<Close, RelayError>>>,
     mut replies: Pin<&mut impl Future<Output = Result<Close, RelayError>>>,
-    mut idle: Pin<&mut impl Future<Output = ()>>,
-    mut moving: Pin<&mut impl Future<Output = moves::Moved>>,
+    mut idle: Rare<'_, ()>,
+    mut moving: Rare<'_, moves::Moved>,
     expectations: &Expectations,
 ) -> Result<Close, RelayError> {
     tokio::select! {
@@ -487,7 +497,7 @@ async fn relay_until_end(
         r = &mut replies => {
             // The client side may be draining the client's input after an error: let the
             // client read what it was sent before its socket closes.
-            let _ = tokio::time::timeout(LINGER, &mut requests).await;
+            let _ = Box::pin(tokio::time::timeout(LINGER, &mut requests)).await;
             r
         }
         r = &mut requests => match r {
@@ -500,7 +510,7 @@ async fn relay_until_end(
                 _ = &mut idle => Ok(Close::Idle),
             },
             // Redis was handed the bad bytes: it answers its error and closes.
-            Ok(Close::ProtocolError) => tokio::time::timeout(PROTOCOL_ERROR_GRACE, &mut replies)
+            Ok(Close::ProtocolError) => Box::pin(tokio::time::timeout(PROTOCOL_ERROR_GRACE, &mut replies))
                 .await
                 .unwrap_or(Ok(Close::ProtocolError))
                 .map(|_| Close::ProtocolError),
@@ -511,7 +521,7 @@ async fn relay_until_end(
         how = &mut moving => match how {
             moves::Moved::Halt => {
                 // Failover: the client is no longer read; the replies it is owed come.
-                moves::finish(&mut replies, expectations).await
+                Box::pin(moves::finish(&mut replies, expectations)).await
             }
             moves::Moved::Now(close) => Ok(close),
         },

@@ -139,10 +139,7 @@ pub(super) enum Moved {
 }
 
 /// Completes when the session must end because its target moved; never without `moves`.
-pub(super) async fn moved(moves: Option<&Moves>, expectations: &Expectations) -> Moved {
-    let Some(moves) = moves else {
-        return std::future::pending().await;
-    };
+pub(super) async fn moved(moves: &Moves, expectations: &Expectations) -> Moved {
     let policy = moves.discovery.policy;
     let mut choice = moves.choice.clone();
     let failover = loop {

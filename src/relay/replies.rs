@@ -82,7 +82,7 @@ where
         }
     }
 
-    pub(super) async fn run(mut self) -> Result<Close, RelayError> {
+    pub(super) async fn run(&mut self) -> Result<Close, RelayError> {
         let result = self.pump().await;
         let _ = self.client.shutdown().await;
         result
@@ -407,7 +407,7 @@ where
     /// Replication: relay the rest as opaque bytes.
     async fn opaque(&mut self, rest: &[u8]) -> Result<Close, RelayError> {
         self.send(rest).await?;
-        let copied = tokio::io::copy(&mut self.upstream, &mut self.client)
+        let copied = Box::pin(tokio::io::copy(&mut self.upstream, &mut self.client))
             .await
             .map_err(io_err("upstream"))?;
         self.written.fetch_add(copied, Ordering::Relaxed);

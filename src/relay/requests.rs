@@ -96,7 +96,7 @@ where
 
     /// Returns how the client side ended; `Local` means the reply side closes the client
     /// after a reply of the ambassador's own.
-    pub(super) async fn run(mut self) -> Result<Close, RelayError> {
+    pub(super) async fn run(&mut self) -> Result<Close, RelayError> {
         let end = self.pump().await;
         match end {
             // Every reply relayed, nothing half-sent, nothing arriving unasked: the session
@@ -111,7 +111,8 @@ where
                 // Half-close: Redis answers what it already read, then closes.
                 let _ = self.upstream.shutdown().await;
             }
-            Ok(Close::Local | Close::ProtocolError) => drain(&mut self.client).await,
+            // Boxed, as are the other rare waits: see `super::Rare`.
+            Ok(Close::Local | Close::ProtocolError) => Box::pin(drain(&mut self.client)).await,
             Ok(Close::UpstreamClosed) => {
                 // After QUIT: the reply side ends the session at its +OK. Should the upstream
                 // never get to it (a blocked command before QUIT), the client's leaving ends
@@ -211,7 +212,16 @@ where
                             step = Step::Drop;
                         }
                     }
-                    if let Some(end) = self.act(&mut b, step, len).await? {
+                    let end = match step {
+                        Step::Forward(replies) => {
+                            self.forward(&mut b, replies, len);
+                            None
+                        }
+                        // Boxed: rare, and inline its room would be in every session's
+                        // future (see `super::Rare`).
+                        step => Box::pin(self.act(&mut b, step, len)).await?,
+                    };
+                    if let Some(end) = end {
                         break Some(end);
                     }
                 }
@@ -234,25 +244,20 @@ where
         Ok(result)
     }
 
-    /// Applies the filter's decision to a command of `len` bytes at `b.done`.
-    async fn act(
-        &mut self,
-        b: &mut Batch,
-        step: Step,
-        len: usize,
-    ) -> Result<Option<Close>, RelayError> {
-        match step {
-            Step::Forward(Replies::None) => b.done += len,
-            Step::Forward(Replies::One) => {
+    /// Forwards the command of `len` bytes at `b.done` as it is.
+    fn forward(&mut self, b: &mut Batch, replies: Replies, len: usize) {
+        match replies {
+            Replies::None => b.done += len,
+            Replies::One => {
                 b.done += len;
                 b.replies += 1;
             }
-            Step::Forward(Replies::Untracked) => self.reshape(b, len, Expect::Untracked),
-            Step::Forward(Replies::Subscribe {
+            Replies::Untracked => self.reshape(b, len, Expect::Untracked),
+            Replies::Subscribe {
                 confirms,
                 channels,
                 replied,
-            }) => self.reshape(
+            } => self.reshape(
                 b,
                 len,
                 Expect::Subscribe {
@@ -261,16 +266,26 @@ where
                     replied,
                 },
             ),
-            Step::Forward(Replies::Monitor { replied }) => {
-                self.reshape(b, len, Expect::Monitor { replied })
-            }
-            Step::Forward(Replies::ThenSubscribed { replied }) => {
+            Replies::Monitor { replied } => self.reshape(b, len, Expect::Monitor { replied }),
+            Replies::ThenSubscribed { replied } => {
                 b.done += len;
                 b.replies += u64::from(replied);
                 self.expect_run(b);
                 self.expect(Expect::MaybeSubscribed);
                 self.tracked = false;
             }
+        }
+    }
+
+    /// Applies the filter's decision to a command of `len` bytes at `b.done`.
+    async fn act(
+        &mut self,
+        b: &mut Batch,
+        step: Step,
+        len: usize,
+    ) -> Result<Option<Close>, RelayError> {
+        match step {
+            Step::Forward(replies) => self.forward(b, replies, len),
             Step::Replace(with, replies) => self.replace(b, len, &with, replies).await?,
             Step::Drop => self.skip(b, len).await?,
             Step::Reset { replied } => {
@@ -305,7 +320,7 @@ where
                 let rest = self.buf.split_off(b.done);
                 self.buf.truncate(b.done);
                 self.write(&rest).await?;
-                let copied = tokio::io::copy(&mut self.client, &mut self.upstream)
+                let copied = Box::pin(tokio::io::copy(&mut self.client, &mut self.upstream))
                     .await
                     .map_err(io_err("client"))?;
                 self.read.fetch_add(copied, Ordering::Relaxed);
@@ -475,10 +490,11 @@ fn hello_command(parts: &[HelloPart<'_>], credentials: &Credentials) -> SecretBy
     credentials.encode(&[&args])
 }
 
-/// Waits until `at`; forever when it is `None`.
+/// Waits until `at`; forever when it is `None`. The timer is boxed, so that sessions without
+/// `credentials.max_session_age` do not carry its room (see `super::Rare`).
 async fn sleep_until_some(at: Option<Instant>) {
     match at {
-        Some(at) => tokio::time::sleep_until(at).await,
+        Some(at) => Box::pin(tokio::time::sleep_until(at)).await,
         None => std::future::pending().await,
     }
 }
