@@ -161,11 +161,11 @@ impl crate::relay::Readable for Either<tcp::ReadHalf<'_>, ReadHalf<&mut TlsStrea
         matches!(self, Either::Left(_))
     }
 
-    async fn readable(&self) -> io::Result<()> {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
-            Either::Left(r) => r.readable().await,
+            Either::Left(r) => r.as_ref().poll_read_ready(cx),
             // Never asked (`can_wait`): decrypted data may wait in the TLS session.
-            Either::Right(_) => Ok(()),
+            Either::Right(_) => Poll::Ready(Ok(())),
         }
     }
 }

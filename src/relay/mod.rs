@@ -65,13 +65,16 @@ pub trait Halves: Send {
 /// A read half that may be able to wait until a read would find data (or the end, or an
 /// error) without reading.
 pub trait Readable {
-    /// Whether [`readable`](Self::readable) can: a TLS stream's plain socket may be quiet
+    /// Whether [`poll_read_ready`](Self::poll_read_ready) can: a TLS stream's plain socket may be quiet
     /// while decrypted data waits in the TLS session.
     fn can_wait(&self) -> bool {
         true
     }
 
-    fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send;
+    /// Ready once a read would find data (or the end, or an error). The waker goes where
+    /// a read's would (tokio's `readable()` queues a waiter under a lock instead: measured,
+    /// 5-8 % more CPU per request at pipeline 1).
+    fn poll_read_ready(&self, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>>;
 }
 
 impl Halves for tokio::net::TcpStream {
@@ -83,8 +86,8 @@ impl Halves for tokio::net::TcpStream {
 }
 
 impl Readable for tokio::net::tcp::ReadHalf<'_> {
-    fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send {
-        tokio::net::tcp::ReadHalf::readable(self)
+    fn poll_read_ready(&self, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        self.as_ref().poll_read_ready(cx)
     }
 }
 
@@ -97,8 +100,8 @@ impl Halves for tokio::net::UnixStream {
 }
 
 impl Readable for tokio::net::unix::ReadHalf<'_> {
-    fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send {
-        tokio::net::unix::ReadHalf::readable(self)
+    fn poll_read_ready(&self, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        self.as_ref().poll_read_ready(cx)
     }
 }
 
@@ -133,7 +136,7 @@ impl Sizing {
     {
         if self.quiet(buf) && from.can_wait() {
             *buf = BytesMut::new();
-            from.readable().await?;
+            std::future::poll_fn(|cx| from.poll_read_ready(cx)).await?;
         }
         self.prepare(buf);
         from.read_buf(buf).await
