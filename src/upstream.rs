@@ -163,7 +163,7 @@ impl crate::relay::Readable for Either<tcp::ReadHalf<'_>, ReadHalf<&mut TlsStrea
 
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
-            Either::Left(r) => r.as_ref().poll_read_ready(cx),
+            Either::Left(r) => r.poll_read_ready(cx),
             // Never asked (`can_wait`): decrypted data may wait in the TLS session.
             Either::Right(_) => Poll::Ready(Ok(())),
         }

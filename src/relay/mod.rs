@@ -65,8 +65,8 @@ pub trait Halves: Send {
 /// A read half that may be able to wait until a read would find data (or the end, or an
 /// error) without reading.
 pub trait Readable {
-    /// Whether [`poll_read_ready`](Self::poll_read_ready) can: a TLS stream's plain socket may be quiet
-    /// while decrypted data waits in the TLS session.
+    /// Whether [`poll_read_ready`](Self::poll_read_ready) can: a TLS stream's plain socket
+    /// may be quiet while decrypted data waits in the TLS session.
     fn can_wait(&self) -> bool {
         true
     }
