@@ -113,6 +113,46 @@ const CLIENT_CLEARED: [&str; 12] = [
     "help",
 ];
 
+/// The `CLIENT` subcommands that only read: after them the connection is as it was.
+const CLIENT_READS: [&str; 7] = [
+    "id",
+    "info",
+    "list",
+    "getname",
+    "getredir",
+    "trackinginfo",
+    "help",
+];
+
+/// Whether `cmd` changes its own connection's state on the server: the database, the user,
+/// the name, the protocol, watched keys, the cluster flags (`READONLY`, `ASKING`), `CLIENT`
+/// settings. Everything else (data commands, scripts: a script's `SELECT` stays in the
+/// script) leaves the connection as the handshake made it, and it can serve another client
+/// with no RESET. What [`leaves_no_trace`] refuses (pub/sub, MONITOR, ...) is judged there.
+/// Dispatched on the name's length first: it runs on every command of a clean session.
+fn changes_connection(cmd: &Command<'_>) -> bool {
+    let name = cmd.arg(0).unwrap_or_default();
+    let any = |names: &[&str]| {
+        names
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
+    };
+    match name.len() {
+        4 => any(&["auth"]),
+        5 => any(&["hello", "reset", "watch"]),
+        6 if name.eq_ignore_ascii_case(b"client") => {
+            let sub = cmd.arg(1).unwrap_or_default();
+            !CLIENT_READS
+                .iter()
+                .any(|n| sub.eq_ignore_ascii_case(n.as_bytes()))
+        }
+        6 => any(&["select", "asking"]),
+        8 => any(&["readonly"]),
+        9 => any(&["readwrite"]),
+        _ => false,
+    }
+}
+
 /// The commands after which the upstream sends more than replies, for good: MONITOR's feed,
 /// replication.
 const FEEDS: [&str; 4] = ["monitor", "sync", "psync", "replconf"];
@@ -168,12 +208,17 @@ pub struct Filter {
     /// RESET does not clear, or a reply stream the relay cannot count: the connection may
     /// serve another client once RESET ([`leaves_no_trace`]). Once false, false for good.
     pub reset_clears: bool,
+    /// ... and nothing changed the connection's state at all ([`changes_connection`]): it
+    /// can serve another client as it is, with no RESET. Implies `reset_clears`.
+    pub untouched: bool,
 }
 
 impl Filter {
-    /// Without `upstream.reuse` no command is judged for it: `reset_clears` starts false.
+    /// Without `upstream.reuse` no command is judged for it: `reset_clears` and `untouched`
+    /// start false.
     pub fn judging_reuse(mut self, reuse: bool) -> Self {
         self.reset_clears = reuse;
+        self.untouched = reuse;
         self
     }
 
@@ -186,6 +231,7 @@ impl Filter {
             skip_next: false,
             multi_subscribes: false,
             reset_clears: true,
+            untouched: true,
         }
     }
 
@@ -209,6 +255,7 @@ impl Filter {
         // Once false (or without reuse) nothing is judged again, on a path every command takes.
         if self.reset_clears {
             self.reset_clears = leaves_no_trace(cmd);
+            self.untouched &= self.reset_clears && !changes_connection(cmd);
         }
         if is("auth") {
             return self.auth(cmd, password_ok);
@@ -299,6 +346,7 @@ impl Filter {
     fn client_reply(&mut self, cmd: &Command<'_>) -> Replies {
         if self.in_multi {
             self.reset_clears = false;
+            self.untouched = false;
             return Replies::Untracked;
         }
         if cmd.argc != 3 {
@@ -589,6 +637,53 @@ mod tests {
             !after(&[&["MULTI"], &["CLIENT", "REPLY", "ON"], &["EXEC"]]),
             "CLIENT REPLY queued in MULTI"
         );
+    }
+
+    #[test]
+    fn only_commands_that_change_nothing_on_the_connection_leave_it_as_it_is() {
+        let after = |cmds: &[&[&str]]| {
+            let mut f = Filter::new(false);
+            for c in cmds {
+                f.decide(&cmd(c), never);
+            }
+            (f.untouched, f.reset_clears)
+        };
+        assert_eq!(after(&[]), (true, true));
+        assert_eq!(
+            after(&[
+                &["SET", "k", "v"],
+                &["get", "k"],
+                &["EVAL", "redis.call('select', 3)", "0"],
+                &["MULTI"],
+                &["INCR", "k"],
+                &["EXEC"],
+                &["CLIENT", "ID"],
+                &["client", "info"],
+                &["PING"],
+            ]),
+            (true, true)
+        );
+        for touches in [
+            &["SELECT", "3"][..],
+            &["client", "setname", "x"],
+            &["CLIENT", "REPLY", "ON"],
+            &["HELLO", "3"],
+            &["AUTH", "p"],
+            &["WATCH", "k"],
+            &["READONLY"],
+            &["readwrite"],
+            &["ASKING"],
+            &["RESET"],
+        ] {
+            assert_eq!(after(&[touches, &["PING"]]), (false, true), "{touches:?}");
+            let queued = after(&[&["MULTI"], touches, &["EXEC"]]);
+            assert!(!queued.0, "{touches:?} queued in MULTI");
+        }
+        assert_eq!(after(&[&["SUBSCRIBE", "c"]]), (false, false));
+        assert_eq!(after(&[&["CLIENT", "NO-EVICT", "ON"]]), (false, false));
+        let mut off = Filter::new(false).judging_reuse(false);
+        off.decide(&cmd(&["GET", "k"]), never);
+        assert!(!off.untouched, "judged only with reuse");
     }
 
     #[test]

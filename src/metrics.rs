@@ -230,7 +230,7 @@ impl Metrics {
         );
         r.register(
             "upstream_pool_returned",
-            "Sessions ended with upstream.reuse, by what became of their upstream connection: reused (RESET, authenticated again and back in the pool), dirty (not left in a state RESET cleans), failed (the RESET or handshake went wrong), full (no room in the pool)",
+            "Sessions ended with upstream.reuse, by what became of their upstream connection: untouched (back in the pool as it was: nothing the client sent changed it), reused (RESET, authenticated again and back in the pool), dirty (not left in a state RESET cleans), failed (the RESET or handshake went wrong), full (no room in the pool)",
             m.pool_returned.clone(),
         );
         r.register(

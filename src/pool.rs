@@ -7,9 +7,9 @@
 //! socket. Off (0) by default: every ready connection is an idle client of the server, on
 //! every pod.
 //!
-//! With `upstream.reuse`, a connection a client left clean comes back ([`Pool::give_back`],
-//! after the session RESET it and authenticated it again), within the same bound and under
-//! the same checks. New connections are then made only when the pool runs dry (or at the
+//! With `upstream.reuse`, a connection a client left clean comes back ([`Pool::give_back`]:
+//! as it is when the client changed nothing on it, else after the session RESET it and
+//! authenticated it again), within the same bound and under the same checks. New connections are then made only when the pool runs dry (or at the
 //! periodic look): a take that refilled at once would fill the room the client's connection
 //! comes back to, and every client would still cost a connect.
 
@@ -29,6 +29,11 @@ use crate::upstream::{self, Connected, Stream};
 /// A ready connection older than this is replaced: servers close idle clients (`timeout`),
 /// and a connection that waited long may be on a path that changed.
 const MAX_READY_AGE: Duration = Duration::from_secs(60);
+
+/// A connection a client left untouched goes back to the pool with no new AUTH only while
+/// its last one is younger than this: a password revoked on the server stops serving new
+/// clients within it, as with a ready connection's age.
+pub const MAX_UNCHECKED: Duration = MAX_READY_AGE;
 
 /// After a failed attempt, the pool waits this long before trying again, so an unreachable
 /// upstream is not hammered; clients still connect on their own meanwhile.
@@ -67,8 +72,9 @@ impl Pool {
         self.lock().len() < self.size
     }
 
-    /// Keeps `connected`, RESET and authenticated with `credentials` just now, for the next
-    /// client, if there is room; returns whether it was kept (else it is closed).
+    /// Keeps `connected`, authenticated with `credentials` (RESET just now, or left untouched
+    /// by its client), for the next client, if there is room; returns whether it was kept
+    /// (else it is closed).
     pub fn give_back(&self, connected: Connected, credentials: Arc<Credentials>) -> bool {
         let kept = self.keep(connected, credentials);
         self.wanted.notify_one();

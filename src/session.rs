@@ -17,8 +17,8 @@ use crate::dead_peer;
 use crate::discovery::Discovery;
 use crate::handshake::{self, HandshakeError};
 use crate::metrics::Metrics;
-use crate::pool::Pool;
-use crate::relay::{self, Context, Moves, RelayError};
+use crate::pool::{Pool, MAX_UNCHECKED};
+use crate::relay::{self, Context, Moves, RelayError, Reuse};
 use crate::upstream::{self, Connected, EstablishError};
 
 /// What every session shares: built once at start.
@@ -55,16 +55,25 @@ impl Shared {
         upstream::open(&self.upstream, credentials, &self.handshake).await
     }
 
-    /// `upstream.reuse`: the connection a client left clean (`None`: it did not) is RESET,
-    /// authenticated again with the credentials in use now, and kept for the next client if
-    /// the pool has room; otherwise it is closed. Counted either way.
-    async fn give_back(&self, kept: Option<Connected>) {
+    /// `upstream.reuse`: the connection a client left clean (`None`: it did not) is kept
+    /// for the next client if the pool has room, else closed; counted either way. One the
+    /// client changed ([`Reuse::AfterReset`]) is RESET and authenticated again first, and so
+    /// is one authenticated with other credentials (`made_with`) than those in use now, or
+    /// longer ago than [`MAX_UNCHECKED`].
+    async fn give_back(&self, kept: Option<(Connected, Reuse)>, made_with: Arc<Credentials>) {
+        let current = self.credentials.current();
         let result = match kept {
             None => "dirty",
+            Some((c, reuse)) if as_it_is(reuse, &made_with, &current, c.authenticated) => {
+                match self.pool.give_back(c, made_with) {
+                    true => "untouched",
+                    false => "full",
+                }
+            }
             // No RESET round trip for nothing; checked again after it, as another may have
             // come back meanwhile.
             Some(_) if !self.pool.has_room() => "full",
-            Some(c) => self.reset_and_keep(c).await,
+            Some((c, _)) => self.reset_and_keep(c).await,
         };
         self.metrics.pool_returned(result);
     }
@@ -78,6 +87,7 @@ impl Shared {
             tracing::debug!(upstream = %c.addr, error = %e, "upstream connection not reused: RESET or handshake failed");
             return "failed";
         }
+        c.authenticated = Instant::now();
         let addr = c.addr;
         if !self.pool.give_back(c, credentials) {
             return "full";
@@ -85,6 +95,22 @@ impl Shared {
         tracing::debug!(upstream = %addr, "upstream connection kept for the next client");
         "reused"
     }
+}
+
+/// Whether a connection the client left can serve the next one with no RESET and no new
+/// AUTH: the client changed nothing on it, it is authenticated with the credentials in use
+/// (`made_with` is `current`: no rotation since), and the server checked them less than
+/// [`MAX_UNCHECKED`] ago, so that a password revoked on the server stops serving new clients
+/// within that time even on a connection that never rests.
+fn as_it_is(
+    reuse: Reuse,
+    made_with: &Arc<Credentials>,
+    current: &Arc<Credentials>,
+    authenticated: Instant,
+) -> bool {
+    reuse == Reuse::AsItIs
+        && Arc::ptr_eq(made_with, current)
+        && authenticated.elapsed() < MAX_UNCHECKED
 }
 
 /// Serves one client until either side closes.
@@ -109,8 +135,9 @@ where
     let discovery = &shared.upstream.discovery;
     let choice = discovery.moves().then(|| discovery.subscribe());
     // Matched as it comes: a named result would keep its room to the end.
-    let (mut upstream, upstream_addr, target, reused) = match shared.connect(&current).await {
-        Ok(c) => (c.stream, c.addr, c.target, c.reused),
+    let connected = shared.connect(&current).await;
+    let (mut upstream, upstream_addr, target, reused, authenticated) = match connected {
+        Ok(c) => (c.stream, c.addr, c.target, c.reused, c.authenticated),
         Err(e) => {
             let refusal = refuse_unavailable(&mut client, metrics, &shared.upstream.discovery, e);
             Box::pin(refusal).await;
@@ -143,7 +170,8 @@ where
     let ended = relay::run(&mut client, &mut upstream, &ctx, BytesMut::new()).await;
     // Closed now unless kept: the log line and the give-back come after.
     drop(client);
-    let upstream = ended.reusable.then_some(upstream);
+    let reusable = ended.reusable;
+    let upstream = (reusable != Reuse::No).then_some(upstream);
     let (result, traffic) = (ended.result, ended.traffic);
     metrics.relayed(traffic.from_client, traffic.to_client);
     if let Err(RelayError::Io { side, source }) = &result {
@@ -167,13 +195,17 @@ where
         "session closed"
     );
     if let Some(target) = kept_target {
-        let kept = upstream.map(|stream| Connected {
-            stream,
-            addr: upstream_addr,
-            target,
-            reused: true,
+        let kept = upstream.map(|stream| {
+            let connected = Connected {
+                stream,
+                addr: upstream_addr,
+                target,
+                reused: true,
+                authenticated,
+            };
+            (connected, reusable)
         });
-        Box::pin(shared.give_back(kept)).await;
+        Box::pin(shared.give_back(kept, current)).await;
     }
 }
 
@@ -242,5 +274,31 @@ where
     if client.write_all(reply).await.is_ok() {
         let _ = client.shutdown().await;
         relay::drain(client).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::SecretString;
+
+    #[test]
+    fn only_an_untouched_connection_checked_lately_with_the_credentials_in_use_goes_as_it_is() {
+        let made = || Arc::new(Credentials::new(None, SecretString::from("p".to_owned())));
+        let (with, other) = (made(), made());
+        let now = Instant::now();
+        let long_ago = now
+            .checked_sub(MAX_UNCHECKED)
+            .expect("a clock older than a minute");
+        assert!(as_it_is(Reuse::AsItIs, &with, &with, now));
+        assert!(!as_it_is(Reuse::AfterReset, &with, &with, now));
+        assert!(
+            !as_it_is(Reuse::AsItIs, &with, &other, now),
+            "rotated since"
+        );
+        assert!(
+            !as_it_is(Reuse::AsItIs, &with, &with, long_ago),
+            "unchecked too long"
+        );
     }
 }

@@ -7,7 +7,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
@@ -222,6 +222,9 @@ pub struct Connected {
     pub target: Target,
     /// A client used it before (`upstream.reuse`): its TLS handshake was counted then.
     pub reused: bool,
+    /// When the server last checked its credentials: its handshake, or the one after a
+    /// RESET (`upstream.reuse`).
+    pub authenticated: Instant,
 }
 
 /// Why [`establish`] failed: no target known, the connection, or the handshake on it.
@@ -252,6 +255,7 @@ pub async fn establish(
             addr,
             target: target.clone(),
             reused: false,
+            authenticated: Instant::now(),
         });
     }
     let checked = handshake::run(
@@ -271,6 +275,7 @@ pub async fn establish(
         addr,
         target: target.clone(),
         reused: false,
+        authenticated: Instant::now(),
     })
 }
 

@@ -79,6 +79,8 @@ async fn the_next_client_gets_the_connection_reset_and_authenticated_as_new() {
     assert!(fresh.contains(&"db=2".to_owned()), "{fresh:?}");
     assert_eq!(first.cmd(&["SET", "k", "v"]).await, simple("OK"));
     assert_eq!(first.cmd(&["GET", "k"]).await, bulk(b"v"));
+    // A SELECT, even of the same database, changes the connection: RESET it.
+    assert_eq!(first.cmd(&["SELECT", "2"]).await, simple("OK"));
     let id = id_of(first.cmd(&["CLIENT", "ID"]).await);
     drop(first);
     wait_returned(&amb, "reused", 1.0).await;
@@ -99,6 +101,76 @@ async fn the_next_client_gets_the_connection_reset_and_authenticated_as_new() {
         Some(2.0)
     );
     drop(next);
+    amb.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_left_untouched_is_handed_on_with_no_reset() {
+    let (server, amb) = reusing("").await;
+    let mut monitor = server.direct().await;
+    assert_eq!(monitor.cmd(&["MONITOR"]).await, simple("OK"));
+    let mut first = amb.connect().await;
+    let fresh = state(&mut first).await;
+    let id = id_of(first.cmd(&["CLIENT", "ID"]).await);
+    assert_eq!(first.cmd(&["SET", "k", "v"]).await, simple("OK"));
+    let script = "redis.call('select', 5) return redis.call('get', 'k')";
+    let other_db = first.cmd(&["EVAL", script, "0"]).await;
+    assert!(matches!(other_db, OwnedFrame::Null), "{other_db:?}");
+    assert_eq!(
+        first.cmd(&["ECHO", "first-leaves"]).await,
+        bulk(b"first-leaves")
+    );
+    drop(first);
+    wait_returned(&amb, "untouched", 1.0).await;
+
+    let mut next = amb.connect().await;
+    assert_eq!(next.cmd(&["ECHO", "next-came"]).await, bulk(b"next-came"));
+    assert_eq!(id_of(next.cmd(&["CLIENT", "ID"]).await), id, "not reused");
+    assert_eq!(
+        next.cmd(&["GET", "k"]).await,
+        bulk(b"v"),
+        "the profile's db"
+    );
+    assert_eq!(state(&mut next).await, fresh);
+    assert_eq!(returned(&amb, "reused").await, 0.0);
+    // Between the two, the server was sent nothing.
+    let seen = monitor_until(&mut monitor, "\"next-came\"").await;
+    let left = seen.iter().position(|l| l.contains("\"first-leaves\""));
+    assert_eq!(
+        left,
+        Some(seen.len() - 2),
+        "sent between the two clients: {seen:#?}"
+    );
+    drop(next);
+    amb.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_authenticated_before_a_rotation_is_reset_before_it_is_handed_on() {
+    let (server, amb) = reusing("").await;
+    let mut first = amb.connect().await;
+    let id = id_of(first.cmd(&["CLIENT", "ID"]).await);
+    server.add_user("rotated", "rotated-pass-1").await;
+    let path = amb.dir.path().join("redis-credentials");
+    amb.rotate_credentials(&path, "rotated", "rotated-pass-1", 1.0)
+        .await;
+    assert_eq!(first.cmd(&["PING"]).await, simple("PONG"));
+    // The rotation replaced the pool's connections (two); one taken leaves room for first's.
+    wait_until("two new ready connections", DEADLINE, || async {
+        amb.metric("ambassador_upstream_pool_ready", ("", "")).await == Some(2.0)
+    })
+    .await;
+    let mut held = amb.connect().await;
+    assert_eq!(held.cmd(&["PING"]).await, simple("PONG"));
+    drop(first);
+    wait_returned(&amb, "reused", 1.0).await;
+    assert_eq!(returned(&amb, "untouched").await, 0.0);
+
+    let mut next = amb.connect().await;
+    assert_eq!(id_of(next.cmd(&["CLIENT", "ID"]).await), id, "not reused");
+    assert_eq!(next.cmd(&["ACL", "WHOAMI"]).await, bulk(b"rotated"));
+    assert_eq!(next.cmd(&["CLIENT", "GETNAME"]).await, bulk(b"amb-reuse"));
+    drop((next, held));
     amb.stop().await;
 }
 
@@ -289,7 +361,7 @@ async fn after_a_rotation_a_returned_connection_is_not_handed_out() {
     let mut first = amb.connect().await;
     let id = id_of(first.cmd(&["CLIENT", "ID"]).await);
     drop(first);
-    wait_returned(&amb, "reused", 1.0).await;
+    wait_returned(&amb, "untouched", 1.0).await;
 
     server.add_user("rotated", "rotated-pass-1").await;
     let path = amb.dir.path().join("redis-credentials");
@@ -309,6 +381,7 @@ async fn a_connection_whose_reauthentication_fails_is_dropped() {
     let (server, amb) = reusing("").await;
     let mut first = amb.connect().await;
     let id = id_of(first.cmd(&["CLIENT", "ID"]).await);
+    assert_eq!(first.cmd(&["SELECT", "3"]).await, simple("OK"));
     // The profile's user is disabled while the client is connected: its connection stays
     // authenticated, but the AUTH after RESET is refused.
     let mut admin = server.direct().await;
@@ -364,7 +437,7 @@ async fn the_pool_keeps_no_more_than_its_size() {
     }
     drop(clients);
     wait_until("all three sessions accounted for", DEADLINE, || async {
-        returned(&amb, "reused").await + returned(&amb, "full").await == 3.0
+        returned(&amb, "untouched").await + returned(&amb, "full").await == 3.0
     })
     .await;
     assert!(returned(&amb, "full").await >= 1.0);

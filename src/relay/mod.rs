@@ -398,13 +398,27 @@ impl Activity {
     }
 }
 
+/// What the upstream connection a client left can do next ([`Context::reuse`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reuse {
+    /// Nothing: the client did not leave at an idle point, or sent something RESET cannot
+    /// undo. The connection closes.
+    No = 0,
+    /// Serve another client once RESET and authenticated again: the client changed its
+    /// state (SELECT, CLIENT SETNAME, WATCH, ...), in ways RESET undoes.
+    AfterReset = 1,
+    /// Serve another client as it is: nothing the client sent changed the connection's
+    /// state, which is still what the handshake left.
+    AsItIs = 2,
+}
+
 /// How a session ended.
 pub struct Ended {
     pub result: Result<Close, RelayError>,
     pub traffic: Traffic,
-    /// The client left the upstream connection at an idle point with [`Context::reuse`]:
-    /// open, every reply relayed, to be RESET before another client.
-    pub reusable: bool,
+    /// What the upstream connection can do next: open, every reply relayed, when the client
+    /// left it at an idle point with [`Context::reuse`].
+    pub reusable: Reuse,
 }
 
 /// Relays between `client` and `upstream` until one side ends. `pending` holds client bytes
@@ -473,7 +487,10 @@ where
         to_client: to_client.load(Ordering::Relaxed),
     };
     // Both sides are dropped by now: the reply side was waiting to read, with nothing owed.
-    let reusable = matches!(result, Ok(Close::ClientClosed)) && expectations.rest.left_clean();
+    let reusable = match result {
+        Ok(Close::ClientClosed) => expectations.rest.left_for(),
+        _ => Reuse::No,
+    };
     Ended {
         result,
         traffic,

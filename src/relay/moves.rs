@@ -7,14 +7,14 @@
 //! relayed, then the session ends.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{Close, Expectations, RelayError};
+use super::{Close, Expectations, RelayError, Reuse};
 use crate::discovery::{Choice, Discovery, MovePolicy, Target};
 use crate::metrics::Metrics;
 
@@ -86,9 +86,9 @@ pub(super) struct Rest {
     replies_quiet: AtomicBool,
     /// The client left at an idle point: nothing owed either way, the session ends at once.
     left_idle: AtomicBool,
-    /// ... and nothing RESET cannot undo was sent: the upstream connection can serve another
-    /// client (`upstream.reuse`).
-    left_clean: AtomicBool,
+    /// ... and what the upstream connection can do next (`upstream.reuse`): a [`Reuse`]
+    /// as its `u8`.
+    left_for: AtomicU8,
 }
 
 impl Rest {
@@ -102,17 +102,21 @@ impl Rest {
         self.replies_quiet.store(quiet, Ordering::Relaxed);
     }
 
-    pub(super) fn leave_idle(&self, clean: bool) {
+    pub(super) fn leave_idle(&self, next: Reuse) {
         self.left_idle.store(true, Ordering::Relaxed);
-        self.left_clean.store(clean, Ordering::Relaxed);
+        self.left_for.store(next as u8, Ordering::Relaxed);
     }
 
     pub(super) fn left_idle(&self) -> bool {
         self.left_idle.load(Ordering::Relaxed)
     }
 
-    pub(super) fn left_clean(&self) -> bool {
-        self.left_clean.load(Ordering::Relaxed)
+    pub(super) fn left_for(&self) -> Reuse {
+        match self.left_for.load(Ordering::Relaxed) {
+            n if n == Reuse::AsItIs as u8 => Reuse::AsItIs,
+            n if n == Reuse::AfterReset as u8 => Reuse::AfterReset,
+            _ => Reuse::No,
+        }
     }
 }
 

@@ -10,7 +10,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::{
-    drain, io_err, Activity, Close, Context, Expect, Expectations, Readable, RelayError, Sizing,
+    drain, io_err, Activity, Close, Context, Expect, Expectations, Readable, RelayError, Reuse,
+    Sizing,
 };
 use crate::credentials::{Arg, Credentials, SecretBytes, HELLO_AUTH};
 use crate::filter::{self, Action, Filter, HelloPart, Replies};
@@ -104,8 +105,12 @@ where
             // client's close leaves Redis is the same). Unless the client sent something
             // RESET cannot undo, the connection can serve another client (`upstream.reuse`).
             Ok(Close::ClientClosed) if self.expectations.idle() => {
-                let clean = self.ctx.reuse && self.filter.reset_clears;
-                self.expectations.rest.leave_idle(clean);
+                let next = match (self.ctx.reuse, &self.filter) {
+                    (true, f) if f.untouched => Reuse::AsItIs,
+                    (true, f) if f.reset_clears => Reuse::AfterReset,
+                    _ => Reuse::No,
+                };
+                self.expectations.rest.leave_idle(next);
             }
             Ok(Close::ClientClosed) => {
                 // Half-close: Redis answers what it already read, then closes.
