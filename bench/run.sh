@@ -8,6 +8,9 @@
 # One redis-server (ACL user bench, plain and TLS ports; certificates made for the run with
 # openssl), two ambassadors (plain and TLS upstream: they inject AUTH) and one HAProxy (TCP
 # mode, a plain and a TLS backend: redis-benchmark sends AUTH itself through it).
+# The connection-per-request workloads also run a fourth contender, "pooled": the ambassador
+# with upstream.pool_size = 64 (ready connections, and reuse of those clients leave clean),
+# which is off by default.
 # Per workload, every round runs direct, ambassador and HAProxy back to back in an order that
 # rotates from round to round; the table shows medians of the rounds: requests/s, p50 and p99
 # latency (redis-benchmark --csv), ratio to direct and to HAProxy, and the CPU seconds the
@@ -74,6 +77,21 @@ EOT
 RUST_LOG=warn "$ambassador_bin" --config-dir "$work/profiles" --profile bench 2>"$work/ambassador-tls.log" &
 pids+=($!)
 amb_tls_pid=$!
+# The same two with ready connections and reuse (upstream.pool_size, off by default), for
+# the connection-per-request workloads only: a pool as large as the benchmark's clients.
+pool_size=64
+pool_port=$(free_port)
+AMBASSADOR__UPSTREAM__POOL_SIZE=$pool_size RUST_LOG=warn "$ambassador_bin" --listen "127.0.0.1:$pool_port" \
+  --upstream "127.0.0.1:$redis_port" --credentials-file "$work/creds.toml" 2>"$work/ambassador-pool.log" &
+pids+=($!)
+pool_pid=$!
+pool_tls_port=$(free_port)
+sed "s/^address = \"127.0.0.1:$amb_tls_port\"/address = \"127.0.0.1:$pool_tls_port\"/" \
+  "$work/profiles/bench.toml" > "$work/profiles/pool.toml"
+AMBASSADOR__UPSTREAM__POOL_SIZE=$pool_size RUST_LOG=warn "$ambassador_bin" --config-dir "$work/profiles" \
+  --profile pool 2>"$work/ambassador-pool-tls.log" &
+pids+=($!)
+pool_tls_pid=$!
 
 hap_port=$(free_port)
 hap_tls_port=$(free_port)
@@ -110,6 +128,8 @@ wait_pong -p "$redis_port" "${auth[@]}"
 wait_pong -p "$tls_port" "${tls_client[@]}" "${auth[@]}"
 wait_pong -p "$amb_port"
 wait_pong -p "$amb_tls_port"
+wait_pong -p "$pool_port"
+wait_pong -p "$pool_tls_port"
 wait_pong -p "$hap_port" "${auth[@]}"
 wait_pong -p "$hap_tls_port" "${auth[@]}"
 
@@ -155,7 +175,7 @@ idle_per_session() { # name, port, pid, [auth...]: prints KiB per idle session
   python3 -c "print(f'{($after - $before) / $idle:.1f} KiB  ({$before} -> {$after} KiB VmRSS)')"
 }
 echo "redis $(redis-server --version | grep -o 'v=[^ ]*'), $(haproxy -v | head -1 | cut -d' ' -f1-3), $(nproc) cores shared by every process; mode $mode: $rounds rounds"
-echo "ambassador: $ambassador_bin"
+echo "ambassador: $ambassador_bin (defaults: no pool); pooled: the same with upstream.pool_size = $pool_size"
 if [ "$mode" = full ] || [ "$mode" = smoke ]; then
   cat > "$work/big.py" <<'EOT'
 import socket, sys
@@ -194,7 +214,7 @@ echo "  ambassador  $(idle_per_session ambassador "$amb_port" "$amb_pid")"
 # Wait for Redis to see the ambassador's upstream connections close before HAProxy's turn.
 for _ in $(seq 100); do
   n=$(redis-cli --no-auth-warning -p "$redis_port" "${auth[@]}" INFO clients | awk -F: '/^connected_clients/ { print $2+0 }')
-  [ "$n" -lt 10 ] && break; sleep 0.1
+  [ "$n" -lt $((2 * pool_size + 10)) ] && break; sleep 0.1
 done
 echo "  haproxy     $(idle_per_session haproxy "$hap_port" "$hap_pid" bench bench-pass)"
 
@@ -214,13 +234,20 @@ args_of() { # runner, tls(0/1)
     direct:1) printf '%s\n' -p "$tls_port" "${tls_client[@]}" "${auth[@]}" ;;
     ambassador:0) printf '%s\n' -p "$amb_port" ;;
     ambassador:1) printf '%s\n' -p "$amb_tls_port" ;;
+    pooled:0) printf '%s\n' -p "$pool_port" ;;
+    pooled:1) printf '%s\n' -p "$pool_tls_port" ;;
     haproxy:0) printf '%s\n' -p "$hap_port" "${auth[@]}" ;;
     haproxy:1) printf '%s\n' -p "$hap_tls_port" "${auth[@]}" ;;
   esac
 }
-pid_of() { case $1:$2 in ambassador:0) echo "$amb_pid";; ambassador:1) echo "$amb_tls_pid";; haproxy:*) echo "$hap_pid";; *) echo;; esac; }
+pid_of() {
+  case $1:$2 in
+    ambassador:0) echo "$amb_pid" ;; ambassador:1) echo "$amb_tls_pid" ;;
+    pooled:0) echo "$pool_pid" ;; pooled:1) echo "$pool_tls_pid" ;;
+    haproxy:*) echo "$hap_pid" ;; *) echo ;;
+  esac
+}
 
-runners=(direct ambassador haproxy)
 : > "$work/results"
 # name | test | pipeline | value size | keepalive | clients | tls | requests (quick; full: x scale)
 workloads=(
@@ -238,6 +265,8 @@ for w in "${workloads[@]}"; do
   IFS='|' read -r name test pipeline size keepalive clients tls n <<<"$w"
   n=$((n * scale))
   [ "$mode" != smoke ] || n=$((n < 2000 ? n : 2000))
+  runners=(direct ambassador haproxy)
+  [ "$keepalive" = 1 ] || runners+=(pooled)
   for round in $(seq "$rounds"); do
     for i in "${!runners[@]}"; do
       runner=${runners[$(( (i + round) % ${#runners[@]} ))]}
@@ -268,7 +297,9 @@ for name, by in data.items():
         m[r] = [med([v[i] for v in vs]) for i in range(3)] + [cpu]
     print(f"\n{name}")
     print(f"  {'':11} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'/direct':>7} {'/haproxy':>8} {'CPU s/M req':>11}")
-    for r in ("direct", "ambassador", "haproxy"):
+    for r in ("direct", "ambassador", "haproxy", "pooled"):
+        if r not in m:
+            continue
         rps, p50, p99, cpu = m[r]
         cpu_s = "-" if math.isnan(cpu) else f"{cpu:.1f}"
         print(f"  {r:11} {rps:9.0f} {p50:7.3f} {p99:7.3f} {rps / m['direct'][0]:7.2f} {rps / m['haproxy'][0]:8.2f} {cpu_s:>11}")
