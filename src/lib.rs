@@ -111,6 +111,7 @@ pub async fn run_with(
         pool: Arc::new(pool::Pool::new(
             config.upstream.pool_size,
             config.upstream.reuse,
+            metrics.pool_ready(),
         )),
         aws_iam: match &config.credentials_source {
             config::CredentialSource::Refreshed {
@@ -181,11 +182,8 @@ pub async fn run_with(
             credentials.clone(),
             config.handshake.clone(),
         );
-        let (metrics, stop) = (Arc::clone(&metrics), background.clone());
-        async move {
-            pool.fill(upstream, credentials, handshake, metrics, stop)
-                .await
-        }
+        let stop = background.clone();
+        async move { pool.fill(upstream, credentials, handshake, stop).await }
     };
     spawn_caught(&helpers, "pool", &metrics, filling);
     match config.credentials_source.clone() {

@@ -417,8 +417,9 @@ impl Metrics {
             .set(i64::from(healthy));
     }
 
-    pub fn set_pool_ready(&self, ready: usize) {
-        self.pool_ready.set(ready as i64);
+    /// `ambassador_upstream_pool_ready`, for the pool to set as its count changes.
+    pub fn pool_ready(&self) -> Gauge {
+        self.pool_ready.clone()
     }
 
     /// A new session found a ready connection (`"ready"`) or none (`"none"`).

@@ -17,13 +17,13 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Handshake, Upstream};
 use crate::credentials::{CredentialStore, Credentials};
-use crate::metrics::Metrics;
 use crate::upstream::{self, Connected, Stream};
 
 /// A ready connection older than this is replaced: servers close idle clients (`timeout`),
@@ -53,16 +53,20 @@ pub struct Pool {
     /// `upstream.reuse`: connections come back, so a take does not refill at once.
     reuse: bool,
     ready: Mutex<VecDeque<Ready>>,
-    /// Woken when a connection was taken (or found stale) or given back: look again.
+    /// `ambassador_upstream_pool_ready`, set wherever the count changes.
+    gauge: Gauge,
+    /// Woken when the filler has something to do: a connection was taken (with reuse: the
+    /// last one) or found stale.
     wanted: Notify,
 }
 
 impl Pool {
-    pub fn new(size: usize, reuse: bool) -> Pool {
+    pub fn new(size: usize, reuse: bool, gauge: Gauge) -> Pool {
         Pool {
             size,
             reuse,
             ready: Mutex::new(VecDeque::with_capacity(size)),
+            gauge,
             wanted: Notify::new(),
         }
     }
@@ -74,11 +78,9 @@ impl Pool {
 
     /// Keeps `connected`, authenticated with `credentials` (RESET just now, or left untouched
     /// by its client), for the next client, if there is room; returns whether it was kept
-    /// (else it is closed).
+    /// (else it is closed). The filler has nothing to do for it: not woken.
     pub fn give_back(&self, connected: Connected, credentials: Arc<Credentials>) -> bool {
-        let kept = self.keep(connected, credentials);
-        self.wanted.notify_one();
-        kept
+        self.keep(connected, credentials)
     }
 
     /// Adds a connection made or given back just now, if there is room (given-back ones may
@@ -92,6 +94,7 @@ impl Pool {
                 credentials,
                 made: Instant::now(),
             });
+            self.gauge.set(ready.len() as i64);
         }
         room
     }
@@ -108,8 +111,9 @@ impl Pool {
             return None;
         }
         let preferred = upstream.discovery.preferred();
-        let found = {
+        let (found, wanted) = {
             let mut ready = self.lock();
+            let before = ready.len();
             let mut found = None;
             // The newest first: the least likely to have been closed by the server.
             while let Some(r) = ready.pop_back() {
@@ -122,9 +126,14 @@ impl Pool {
                     break;
                 }
             }
-            found
+            self.gauge.set(ready.len() as i64);
+            // With reuse the pool refills only once dry: until then, nothing to wake for.
+            let stale = before - ready.len() > usize::from(found.is_some());
+            (found, !self.reuse || ready.is_empty() || stale)
         };
-        self.wanted.notify_one();
+        if wanted {
+            self.wanted.notify_one();
+        }
         found
     }
 
@@ -134,7 +143,6 @@ impl Pool {
         upstream: Upstream,
         credentials: CredentialStore,
         handshake: Handshake,
-        metrics: Arc<Metrics>,
         stop: CancellationToken,
     ) {
         if self.size == 0 {
@@ -163,7 +171,6 @@ impl Pool {
                     (current, made)
                 });
             }
-            metrics.set_pool_ready(self.lock().len());
             refill = tokio::select! {
                 _ = stop.cancelled() => return,
                 Some(done) = making.join_next() => match done {
@@ -191,8 +198,9 @@ impl Pool {
 
     /// Drops what could no longer be used.
     fn prune(&self, current: &Arc<Credentials>) {
-        self.lock()
-            .retain(|r| Arc::ptr_eq(&r.credentials, current) && r.made.elapsed() < MAX_READY_AGE);
+        let mut ready = self.lock();
+        ready.retain(|r| Arc::ptr_eq(&r.credentials, current) && r.made.elapsed() < MAX_READY_AGE);
+        self.gauge.set(ready.len() as i64);
     }
 }
 
