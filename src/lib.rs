@@ -101,12 +101,16 @@ pub async fn run_with(
     let credentials = CredentialStore::new(config.credentials);
     let shared = Arc::new(Shared {
         upstream: config.upstream.clone(),
-        handshake: config.handshake.clone(),
         credentials: credentials.clone(),
-        reauth_open_sessions: config.reauth_open_sessions,
-        max_session_age: config.max_session_age,
-        downstream_password: config.listen.password.map(Arc::new),
-        idle_timeout: config.listen.idle_timeout,
+        relay: Arc::new(relay::Settings {
+            reauth_open_sessions: config.reauth_open_sessions,
+            max_session_age: config.max_session_age,
+            handshake: config.handshake.clone(),
+            downstream_password: config.listen.password.map(Arc::new),
+            idle_timeout: config.listen.idle_timeout,
+            metrics: Arc::clone(&metrics),
+            reuse: config.upstream.reuse,
+        }),
         metrics: Arc::clone(&metrics),
         pool: Arc::new(pool::Pool::new(
             config.upstream.pool_size,
@@ -303,5 +307,5 @@ fn spawn_caught(
     work: impl Future<Output = ()> + Send + 'static,
 ) {
     let metrics = Arc::clone(metrics);
-    helpers.spawn(async move { task::catching(what, &metrics, work).await });
+    helpers.spawn(async move { task::catching(what, &metrics, Box::pin(work)).await });
 }

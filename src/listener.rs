@@ -192,18 +192,21 @@ pub async fn accept_loop(
             refuse_over_limit(stream, &lingering, tracker, max_clients, span);
             continue;
         };
-        let shared = Arc::clone(&shared);
+        let metrics = Arc::clone(&shared.metrics);
+        // Made here, so that the task keeps the boxed session rather than room for the stream
+        // and what makes it (every idle session holds this task).
+        let session = serve(stream, Arc::clone(&shared));
         let kill = kill.clone();
         tracker.spawn(
             async move {
-                let _permit = permit;
-                let metrics = Arc::clone(&shared.metrics);
                 metrics.clients_active.inc();
                 tokio::select! {
                     _ = kill.cancelled() => tracing::info!(reason = "Shutdown", "session closed"),
-                    _ = crate::task::catching("session", &metrics, serve(stream, shared)) => {}
+                    _ = crate::task::catching("session", &metrics, session) => {}
                 }
                 metrics.clients_active.dec();
+                // Held to the end: the session's slot under max_clients.
+                drop(permit);
             }
             .instrument(span),
         );

@@ -5,14 +5,14 @@ mod tcp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use crate::config::{Handshake, Protocol, Upstream};
+use crate::config::{Protocol, Upstream};
 use crate::credentials::aws_iam::AwsIamSource;
-use crate::credentials::{CredentialStore, Credentials, DownstreamPassword};
+use crate::credentials::{CredentialStore, Credentials};
 use crate::dead_peer;
 use crate::discovery::Discovery;
 use crate::handshake::{self, HandshakeError};
@@ -24,12 +24,9 @@ use crate::upstream::{self, Connected, EstablishError};
 /// What every session shares: built once at start.
 pub struct Shared {
     pub upstream: Upstream,
-    pub handshake: Handshake,
     pub credentials: CredentialStore,
-    pub reauth_open_sessions: bool,
-    pub max_session_age: Option<Duration>,
-    pub downstream_password: Option<Arc<DownstreamPassword>>,
-    pub idle_timeout: Option<Duration>,
+    /// What each session's relay reads: the handshake, the downstream password, ...
+    pub relay: Arc<relay::Settings>,
     pub metrics: Arc<Metrics>,
     /// Ready upstream connections (`upstream.pool_size`), filled by a task of its own.
     pub pool: Arc<Pool>,
@@ -52,7 +49,7 @@ impl Shared {
         // outlive the temporary AWS credentials that signed it.
         let fresh = self.aws_iam.as_ref().and_then(AwsIamSource::sign_now);
         let credentials = fresh.as_ref().unwrap_or(credentials);
-        upstream::open(&self.upstream, credentials, &self.handshake).await
+        upstream::open(&self.upstream, credentials, &self.relay.handshake).await
     }
 
     /// `upstream.reuse`: the connection a client left clean (`None`: it did not) is kept
@@ -82,7 +79,7 @@ impl Shared {
     async fn reset_and_keep(&self, mut c: Connected) -> &'static str {
         let credentials = self.credentials.current();
         let limit = self.upstream.handshake_timeout;
-        let reset = handshake::reset(&mut c.stream, &credentials, &self.handshake, limit);
+        let reset = handshake::reset(&mut c.stream, &credentials, &self.relay.handshake, limit);
         if let Err(e) = reset.await {
             tracing::debug!(upstream = %c.addr, error = %e, "upstream connection not reused: RESET or handshake failed");
             return "failed";
@@ -114,98 +111,114 @@ fn as_it_is(
 }
 
 /// Serves one client until either side closes.
-pub async fn serve<C>(mut client: C, shared: Arc<Shared>)
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice"
+)]
+pub fn serve<C>(mut client: C, shared: Arc<Shared>) -> impl std::future::Future<Output = ()>
 where
     C: relay::Halves + AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let started = Instant::now();
-    let metrics = &shared.metrics;
-    if let Some(why) = metrics.mismatch() {
-        let reply = format!("-ERR ambassador: upstream does not match the profile ({why})\r\n");
-        Box::pin(refuse(&mut client, reply.as_bytes())).await;
-        return;
-    }
-    if shared.upstream.protocol == Protocol::Tcp {
-        return Box::pin(tcp::serve(client, &shared, started)).await;
-    }
-    // Subscribed before reading, so a rotation in between is not missed.
-    let mut credentials = shared.credentials.subscribe();
-    let current = Arc::clone(&credentials.borrow_and_update());
-    // Watched from before the connection, so a move while connecting is not missed.
-    let discovery = &shared.upstream.discovery;
-    let choice = discovery.moves().then(|| discovery.subscribe());
-    // Matched as it comes: a named result would keep its room to the end.
-    let connected = shared.connect(&current).await;
-    let (mut upstream, upstream_addr, target, reused, authenticated) = match connected {
-        Ok(c) => (c.stream, c.addr, c.target, c.reused, c.authenticated),
-        Err(e) => {
-            let refusal = refuse_unavailable(&mut client, metrics, &shared.upstream.discovery, e);
-            Box::pin(refusal).await;
+    // An async block rather than an async fn: an async fn moves its arguments into its
+    // body, and its future keeps room for both (the client twice, on every idle session).
+    async move {
+        let started = Instant::now();
+        let metrics = &shared.metrics;
+        if let Some(why) = metrics.mismatch() {
+            let reply = format!("-ERR ambassador: upstream does not match the profile ({why})\r\n");
+            Box::pin(refuse(&mut client, reply.as_bytes())).await;
             return;
         }
-    };
-    if let Some(resumed) = upstream.tls_resumed().filter(|_| !reused) {
-        metrics.tls_handshake(resumed);
-    }
-    metrics
-        .handshake_seconds
-        .observe(started.elapsed().as_secs_f64());
-    metrics.upstream_ok();
-    let handshake_ms = started.elapsed().as_millis() as u64;
-
-    // What the pool checks when the connection comes back.
-    let kept_target = shared.upstream.reuse.then(|| target.clone());
-    let moves = choice.map(|choice| Moves::new(Arc::clone(discovery), choice, target));
-    let ctx = Context {
-        credentials,
-        reauth_open_sessions: shared.reauth_open_sessions,
-        max_session_age: shared.max_session_age,
-        handshake: shared.handshake.clone(),
-        downstream_password: shared.downstream_password.clone(),
-        idle_timeout: shared.idle_timeout,
-        metrics: Arc::clone(metrics),
-        moves,
-        reuse: shared.upstream.reuse,
-    };
-    let ended = relay::run(&mut client, &mut upstream, &ctx, BytesMut::new()).await;
-    // Closed now unless kept: the log line and the give-back come after.
-    drop(client);
-    let reusable = ended.reusable;
-    let upstream = (reusable != Reuse::No).then_some(upstream);
-    let (result, traffic) = (ended.result, ended.traffic);
-    metrics.relayed(traffic.from_client, traffic.to_client);
-    if let Err(RelayError::Io { side, source }) = &result {
-        if dead_peer::vanished(source) {
-            peer_vanished(&shared, side, upstream_addr, source);
+        if shared.upstream.protocol == Protocol::Tcp {
+            return Box::pin(tcp::serve(client, &shared, started)).await;
         }
-    }
-    let (reason, error) = match &result {
-        Ok(reason) => (format!("{reason:?}"), None),
-        Err(e) => ("Error".to_owned(), Some(e.to_string())),
-    };
-    metrics.session_closed(&reason);
-    tracing::info!(
-        upstream = %upstream_addr,
-        duration_ms = started.elapsed().as_millis() as u64,
-        handshake_ms,
-        bytes_from_client = traffic.from_client,
-        bytes_to_client = traffic.to_client,
-        reason,
-        error,
-        "session closed"
-    );
-    if let Some(target) = kept_target {
-        let kept = upstream.map(|stream| {
-            let connected = Connected {
-                stream,
-                addr: upstream_addr,
-                target,
-                reused: true,
-                authenticated,
+        // Subscribed before reading, so a rotation in between is not missed.
+        let mut credentials = shared.credentials.subscribe();
+        let current = Arc::clone(&credentials.borrow_and_update());
+        // Watched from before the connection, so a move while connecting is not missed.
+        let discovery = &shared.upstream.discovery;
+        let choice = discovery.moves().then(|| discovery.subscribe());
+        // Matched as it comes: a named result would keep its room to the end. What the pool
+        // checks when the connection comes back, and the moves, are boxed (every idle session
+        // would hold them, and most have neither) and made inside the arm, so that the target
+        // they are made of takes no room past it.
+        let (mut upstream, upstream_addr, reused, authenticated, kept_target, moves) =
+            match shared.connect(&current).await {
+                Ok(c) => {
+                    let kept_target = shared.upstream.reuse.then(|| Box::new(c.target.clone()));
+                    let moves = choice.map(|choice| {
+                        Box::new(Moves::new(Arc::clone(discovery), choice, c.target))
+                    });
+                    (
+                        c.stream,
+                        c.addr,
+                        c.reused,
+                        c.authenticated,
+                        kept_target,
+                        moves,
+                    )
+                }
+                Err(e) => {
+                    let refusal =
+                        refuse_unavailable(&mut client, metrics, &shared.upstream.discovery, e);
+                    Box::pin(refusal).await;
+                    return;
+                }
             };
-            (connected, reusable)
-        });
-        Box::pin(shared.give_back(kept, current)).await;
+        if let Some(resumed) = upstream.tls_resumed().filter(|_| !reused) {
+            metrics.tls_handshake(resumed);
+        }
+        metrics
+            .handshake_seconds
+            .observe(started.elapsed().as_secs_f64());
+        metrics.upstream_ok();
+        let handshake_ms = started.elapsed().as_millis() as u64;
+
+        let ctx = Context {
+            credentials,
+            settings: Arc::clone(&shared.relay),
+            moves,
+        };
+        let ended = relay::run(&mut client, &mut upstream, &ctx, BytesMut::new()).await;
+        // Closed now unless kept: the log line and the give-back come after.
+        drop(client);
+        let reusable = ended.reusable;
+        let upstream = (reusable != Reuse::No).then_some(upstream);
+        let (result, traffic) = (ended.result, ended.traffic);
+        metrics.relayed(traffic.from_client, traffic.to_client);
+        if let Err(RelayError::Io { side, source }) = &result {
+            if dead_peer::vanished(source) {
+                peer_vanished(&shared, side, upstream_addr, source);
+            }
+        }
+        let (reason, error) = match &result {
+            Ok(reason) => (format!("{reason:?}"), None),
+            Err(e) => ("Error".to_owned(), Some(e.to_string())),
+        };
+        metrics.session_closed(&reason);
+        tracing::info!(
+            upstream = %upstream_addr,
+            duration_ms = started.elapsed().as_millis() as u64,
+            handshake_ms,
+            bytes_from_client = traffic.from_client,
+            bytes_to_client = traffic.to_client,
+            reason,
+            error,
+            "session closed"
+        );
+        if let Some(target) = kept_target {
+            let kept = upstream.map(|stream| {
+                let connected = Connected {
+                    stream,
+                    addr: upstream_addr,
+                    target: *target,
+                    reused: true,
+                    authenticated,
+                };
+                (connected, reusable)
+            });
+            Box::pin(shared.give_back(kept, current)).await;
+        }
     }
 }
 

@@ -169,6 +169,15 @@ pub const AUTH_FAILED: &[u8] = b"-ERR ambassador: upstream authentication failed
 pub struct Context {
     /// The credentials in use; a change re-authenticates the session when allowed.
     pub credentials: watch::Receiver<Arc<Credentials>>,
+    pub settings: Arc<Settings>,
+    /// Discovery's view of this session's upstream: when it is no longer the target, the
+    /// session ends at an idle point. `None`: the upstream never moves. Boxed: most
+    /// sessions have none, and every idle session holds its context.
+    pub moves: Option<Box<Moves>>,
+}
+
+/// What every session's relay reads and none changes: built once at start, shared.
+pub struct Settings {
     pub reauth_open_sessions: bool,
     /// Re-authenticate every this long, whatever the credentials (`credentials.max_session_age`).
     pub max_session_age: Option<Duration>,
@@ -176,9 +185,6 @@ pub struct Context {
     pub downstream_password: Option<Arc<DownstreamPassword>>,
     pub idle_timeout: Option<Duration>,
     pub metrics: Arc<Metrics>,
-    /// Discovery's view of this session's upstream: when it is no longer the target, the
-    /// session ends at an idle point. `None`: the upstream never moves.
-    pub moves: Option<Moves>,
     /// `upstream.reuse`: a client that leaves at an idle point leaves its upstream
     /// connection open, and [`run`] hands it back.
     pub reuse: bool,
@@ -438,7 +444,7 @@ where
     let activity = Activity {
         start: Instant::now(),
         last_ms: AtomicU64::new(0),
-        watched: ctx.idle_timeout.is_some(),
+        watched: ctx.settings.idle_timeout.is_some(),
     };
 
     // The two sides hold the connections' halves until this block ends.
@@ -469,7 +475,7 @@ where
         let replies = std::pin::pin!(reply_side.run());
         // The idle timeout and the mover hold a timer each: on the heap, and only when
         // configured (`pending()` has no size, so its box allocates nothing).
-        let idle: Rare<'_, ()> = match ctx.idle_timeout {
+        let idle: Rare<'_, ()> = match ctx.settings.idle_timeout {
             Some(limit) => Box::pin(activity.idle_for(limit)),
             None => Box::pin(std::future::pending()),
         };
@@ -480,7 +486,7 @@ where
         relay_until_end(requests, replies, idle, moving, &expectations).await
     };
     if let (Ok(close), Some(m)) = (&result, &ctx.moves) {
-        m.closed(*close, &ctx.metrics);
+        m.closed(*close, &ctx.settings.metrics);
     }
     let traffic = Traffic {
         from_client: from_client.load(Ordering::Relaxed),

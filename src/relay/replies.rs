@@ -258,7 +258,7 @@ where
 
     /// A session on Sentinel's master, outside the ambassador's own commands.
     fn guards_master(&self) -> bool {
-        self.swallow.is_none() && self.ctx.moves.as_ref().is_some_and(Moves::guards_master)
+        self.swallow.is_none() && self.ctx.moves.as_deref().is_some_and(Moves::guards_master)
     }
 
     fn swallowing_frame(&self) -> bool {
@@ -351,10 +351,10 @@ where
     fn rotated(&self, failed: bool) {
         if failed {
             tracing::warn!("upstream refused the new credentials on an open session; it stays authenticated as before");
-            self.ctx.metrics.reauth("rejected");
+            self.ctx.settings.metrics.reauth("rejected");
         } else {
             tracing::debug!("open session re-authenticated with the new credentials");
-            self.ctx.metrics.reauth("ok");
+            self.ctx.settings.metrics.reauth("ok");
         }
     }
 

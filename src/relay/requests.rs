@@ -82,14 +82,15 @@ where
             sizing: Sizing::default(),
             // Redis's tighter limits for a connection that has not authenticated apply from
             // the first byte when the client must authenticate.
-            framer: RequestFramer::new(ctx.downstream_password.is_none()),
-            filter: Filter::new(ctx.downstream_password.is_some()).judging_reuse(ctx.reuse),
+            framer: RequestFramer::new(ctx.settings.downstream_password.is_none()),
+            filter: Filter::new(ctx.settings.downstream_password.is_some())
+                .judging_reuse(ctx.settings.reuse),
             stream_forwarded: true,
             mid_stream: false,
             stream_answer: None,
             tracked: true,
             reauth_due: false,
-            reauth_at: ctx.max_session_age.map(|age| Instant::now() + age),
+            reauth_at: ctx.settings.max_session_age.map(|age| Instant::now() + age),
             read,
             activity,
         }
@@ -105,7 +106,7 @@ where
             // client's close leaves Redis is the same). Unless the client sent something
             // RESET cannot undo, the connection can serve another client (`upstream.reuse`).
             Ok(Close::ClientClosed) if self.expectations.idle() => {
-                let next = match (self.ctx.reuse, &self.filter) {
+                let next = match (self.ctx.settings.reuse, &self.filter) {
                     (true, f) if f.untouched => Reuse::AsItIs,
                     (true, f) if f.reset_clears => Reuse::AfterReset,
                     _ => Reuse::No,
@@ -144,7 +145,7 @@ where
             self.expectations
                 .rest
                 .requests(whole, whole && self.tracked && !self.filter.in_multi);
-            let watching = self.ctx.reauth_open_sessions && !self.reauth_due;
+            let watching = self.ctx.settings.reauth_open_sessions && !self.reauth_due;
             let aging = self.reauth_at.filter(|_| !self.reauth_due);
             tokio::select! {
                 n = self.sizing.read_when_ready(&mut self.client, &mut self.buf) => {
@@ -165,14 +166,14 @@ where
                     // the session keeps its old authentication; counted, as operators of
                     // expiring tokens need to know how many such sessions there are.
                     if self.reauth_due && !self.tracked {
-                        self.ctx.metrics.reauth("deferred");
+                        self.ctx.settings.metrics.reauth("deferred");
                     }
                 }
                 _ = sleep_until_some(aging) => {
                     self.reauth_due = true;
-                    self.reauth_at = aging.zip(self.ctx.max_session_age).map(|(at, age)| at + age);
+                    self.reauth_at = aging.zip(self.ctx.settings.max_session_age).map(|(at, age)| at + age);
                     if !self.tracked {
-                        self.ctx.metrics.reauth("deferred");
+                        self.ctx.settings.metrics.reauth("deferred");
                     }
                 }
             }
@@ -200,7 +201,7 @@ where
                 }
                 Request::Command { len } | Request::StreamStart { len } => {
                     let cmd = self.framer.command(view);
-                    let password = self.ctx.downstream_password.as_deref();
+                    let password = self.ctx.settings.downstream_password.as_deref();
                     let action = self
                         .filter
                         .decide(&cmd, |p| password.is_some_and(|d| d.matches(p)));
@@ -296,8 +297,10 @@ where
             Step::Reset { replied } => {
                 b.done += len;
                 self.expect_run(b);
-                let reauth =
-                    handshake::commands(&self.credentials.borrow_and_update(), &self.ctx.handshake);
+                let reauth = handshake::commands(
+                    &self.credentials.borrow_and_update(),
+                    &self.ctx.settings.handshake,
+                );
                 self.expect(Expect::Reset {
                     replied,
                     handshake: reauth.names,
