@@ -592,15 +592,18 @@ mod tests {
         );
     }
 
+    /// A filter that has decided `cmds`, in order.
+    fn decided(cmds: &[&[&str]]) -> Filter {
+        let mut f = Filter::new(false);
+        for c in cmds {
+            f.decide(&cmd(c), never);
+        }
+        f
+    }
+
     #[test]
     fn only_what_reset_undoes_keeps_a_connection_reusable() {
-        let after = |cmds: &[&[&str]]| {
-            let mut f = Filter::new(false);
-            for c in cmds {
-                f.decide(&cmd(c), never);
-            }
-            f.reset_clears
-        };
+        let after = |cmds: &[&[&str]]| decided(cmds).reset_clears;
         assert!(after(&[
             &["SET", "k", "v"],
             &["GET", "k"],
@@ -642,10 +645,7 @@ mod tests {
     #[test]
     fn only_commands_that_change_nothing_on_the_connection_leave_it_as_it_is() {
         let after = |cmds: &[&[&str]]| {
-            let mut f = Filter::new(false);
-            for c in cmds {
-                f.decide(&cmd(c), never);
-            }
+            let f = decided(cmds);
             (f.untouched, f.reset_clears)
         };
         assert_eq!(after(&[]), (true, true));

@@ -28,10 +28,7 @@ async fn reusing(extra: &str) -> (RedisServer, Ambassador) {
         &format!("[upstream]\npool_size = 2\n{extra}"),
     );
     let amb = Ambassador::with_config(load_config(dir.path(), &profile), dir).await;
-    wait_until("two ready connections", DEADLINE, || async {
-        amb.metric("ambassador_upstream_pool_ready", ("", "")).await == Some(2.0)
-    })
-    .await;
+    two_ready(&amb, "two ready connections").await;
     (server, amb)
 }
 
@@ -49,6 +46,22 @@ async fn state(client: &mut Raw) -> Vec<String> {
         .filter(|kv| STATE.contains(&kv.split('=').next().unwrap_or_default()))
         .map(str::to_owned)
         .collect()
+}
+
+/// The profile's credentials become user `rotated`'s; returns once the ambassador uses them.
+async fn rotate(server: &RedisServer, amb: &Ambassador) {
+    server.add_user("rotated", "rotated-pass-1").await;
+    let path = amb.dir.path().join("redis-credentials");
+    amb.rotate_credentials(&path, "rotated", "rotated-pass-1", 1.0)
+        .await;
+}
+
+/// Waits until the pool holds two ready connections (`what` says why).
+async fn two_ready(amb: &Ambassador, what: &str) {
+    wait_until(what, DEADLINE, || async {
+        amb.metric("ambassador_upstream_pool_ready", ("", "")).await == Some(2.0)
+    })
+    .await;
 }
 
 /// Sessions ended with reuse on, by what became of their connection.
@@ -150,16 +163,10 @@ async fn a_connection_authenticated_before_a_rotation_is_reset_before_it_is_hand
     let (server, amb) = reusing("").await;
     let mut first = amb.connect().await;
     let id = id_of(first.cmd(&["CLIENT", "ID"]).await);
-    server.add_user("rotated", "rotated-pass-1").await;
-    let path = amb.dir.path().join("redis-credentials");
-    amb.rotate_credentials(&path, "rotated", "rotated-pass-1", 1.0)
-        .await;
+    rotate(&server, &amb).await;
     assert_eq!(first.cmd(&["PING"]).await, simple("PONG"));
     // The rotation replaced the pool's connections (two); one taken leaves room for first's.
-    wait_until("two new ready connections", DEADLINE, || async {
-        amb.metric("ambassador_upstream_pool_ready", ("", "")).await == Some(2.0)
-    })
-    .await;
+    two_ready(&amb, "two new ready connections").await;
     let mut held = amb.connect().await;
     assert_eq!(held.cmd(&["PING"]).await, simple("PONG"));
     drop(first);
@@ -188,10 +195,7 @@ async fn a_tls_connection_is_reused_without_a_new_handshake() {
         server.credential_file(dir.path()).display()
     );
     let amb = Ambassador::with_config(load_config(dir.path(), &profile), dir).await;
-    wait_until("two ready connections", DEADLINE, || async {
-        amb.metric("ambassador_upstream_pool_ready", ("", "")).await == Some(2.0)
-    })
-    .await;
+    two_ready(&amb, "two ready connections").await;
     let mut first = amb.connect().await;
     let fresh = state(&mut first).await;
     let id = id_of(first.cmd(&["CLIENT", "ID"]).await);
@@ -347,10 +351,7 @@ async fn reuse_can_be_turned_off() {
     let mut next = amb.connect().await;
     assert_eq!(next.cmd(&["PING"]).await, simple("PONG"));
     // And a take refills at once, as without reuse.
-    wait_until("the pool refilled", DEADLINE, || async {
-        amb.metric("ambassador_upstream_pool_ready", ("", "")).await == Some(2.0)
-    })
-    .await;
+    two_ready(&amb, "the pool refilled").await;
     drop(next);
     amb.stop().await;
 }
@@ -363,10 +364,7 @@ async fn after_a_rotation_a_returned_connection_is_not_handed_out() {
     drop(first);
     wait_returned(&amb, "untouched", 1.0).await;
 
-    server.add_user("rotated", "rotated-pass-1").await;
-    let path = amb.dir.path().join("redis-credentials");
-    amb.rotate_credentials(&path, "rotated", "rotated-pass-1", 1.0)
-        .await;
+    rotate(&server, &amb).await;
 
     let mut next = amb.connect().await;
     assert_eq!(next.cmd(&["ACL", "WHOAMI"]).await, bulk(b"rotated"));
