@@ -297,7 +297,9 @@ impl Filter {
         if self.in_multi {
             // Queued: `+QUEUED` now, the effect at EXEC.
             self.multi_subscribes |= subscription.is_some();
-            if is("exec") || is("discard") {
+            // A DISCARD Redis refuses (`DISCARD x`: arity) leaves the MULTI open; an EXEC it
+            // refuses ends it (EXECABORT, Redis 6.2 and later).
+            if is("exec") || (is("discard") && cmd.argc == 1) {
                 self.in_multi = false;
                 let subscribes = std::mem::take(&mut self.multi_subscribes);
                 if subscribes && is("exec") {
@@ -680,6 +682,16 @@ mod tests {
             assert!(!queued.0, "{touches:?} queued in MULTI");
         }
         assert_eq!(after(&[&["SUBSCRIBE", "c"]]), (false, false));
+        let in_multi = |cmds: &[&[&str]]| decided(cmds).in_multi;
+        assert!(!in_multi(&[&["MULTI"], &["DISCARD"]]));
+        assert!(
+            in_multi(&[&["MULTI"], &["DISCARD", "x"]]),
+            "refused: MULTI goes on"
+        );
+        assert!(
+            !in_multi(&[&["MULTI"], &["EXEC", "x"]]),
+            "refused: EXECABORT"
+        );
         assert_eq!(after(&[&["CLIENT", "NO-EVICT", "ON"]]), (false, false));
         let mut off = Filter::new(false).judging_reuse(false);
         off.decide(&cmd(&["GET", "k"]), never);

@@ -30,9 +30,10 @@ use crate::upstream::{self, Connected, Stream};
 /// and a connection that waited long may be on a path that changed.
 const MAX_READY_AGE: Duration = Duration::from_secs(60);
 
-/// A connection a client left untouched goes back to the pool with no new AUTH only while
-/// its last one is younger than this: a password revoked on the server stops serving new
-/// clients within it, as with a ready connection's age.
+/// No connection is handed to a client longer than this after the server last checked its
+/// credentials (its handshake, or the AUTH after a RESET): a password revoked on the server
+/// stops serving new clients within it. A connection a client left untouched goes back with
+/// no new AUTH only within the first half of it, so that it has time left to wait.
 pub const MAX_UNCHECKED: Duration = MAX_READY_AGE;
 
 /// After a failed attempt, the pool waits this long before trying again, so an unreachable
@@ -119,7 +120,7 @@ impl Pool {
             while let Some(r) = ready.pop_back() {
                 let good = Arc::ptr_eq(&r.credentials, credentials)
                     && preferred.contains(&r.connected.target)
-                    && r.made.elapsed() < MAX_READY_AGE
+                    && usable(&r)
                     && open(&r.connected.stream);
                 if good {
                     found = Some(r.connected);
@@ -199,9 +200,14 @@ impl Pool {
     /// Drops what could no longer be used.
     fn prune(&self, current: &Arc<Credentials>) {
         let mut ready = self.lock();
-        ready.retain(|r| Arc::ptr_eq(&r.credentials, current) && r.made.elapsed() < MAX_READY_AGE);
+        ready.retain(|r| Arc::ptr_eq(&r.credentials, current) && usable(r));
         self.gauge.set(ready.len() as i64);
     }
+}
+
+/// Not waiting too long (the server may have closed it), nor authenticated too long ago.
+fn usable(r: &Ready) -> bool {
+    r.made.elapsed() < MAX_READY_AGE && r.connected.authenticated.elapsed() < MAX_UNCHECKED
 }
 
 /// No close and no stray byte waiting: a peek that would block.
@@ -215,4 +221,43 @@ fn open(stream: &Stream) -> bool {
         socket2::SockRef::from(tcp).peek(&mut byte),
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::SecretString;
+
+    /// A ready connection made or given back `waited` ago, authenticated `checked` ago.
+    async fn ready(waited: Duration, checked: Duration) -> Ready {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let now = Instant::now();
+        let ago = |d| now.checked_sub(d).expect("a clock older than two minutes");
+        let password = SecretString::from("p".to_owned());
+        Ready {
+            connected: Connected {
+                stream: Stream::Plain(stream),
+                addr,
+                target: crate::discovery::Target::at(addr.to_string().parse().unwrap()),
+                reused: true,
+                authenticated: ago(checked),
+            },
+            credentials: Arc::new(Credentials::new(None, password)),
+            made: ago(waited),
+        }
+    }
+
+    #[tokio::test]
+    async fn no_connection_is_handed_out_a_minute_after_its_credentials_were_checked() {
+        let second = Duration::from_secs(1);
+        assert!(usable(&ready(second, second).await));
+        let recently_back = ready(second, MAX_UNCHECKED + second).await;
+        assert!(
+            !usable(&recently_back),
+            "given back lately, checked long ago"
+        );
+        assert!(!usable(&ready(MAX_READY_AGE + second, second).await));
+    }
 }

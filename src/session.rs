@@ -5,7 +5,7 @@ mod tcp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -61,7 +61,15 @@ impl Shared {
         let current = self.credentials.current();
         let result = match kept {
             None => "dirty",
-            Some((c, reuse)) if as_it_is(reuse, &made_with, &current, c.authenticated) => {
+            Some((c, reuse))
+                if as_it_is(
+                    reuse,
+                    &made_with,
+                    &current,
+                    c.authenticated,
+                    self.relay.max_session_age,
+                ) =>
+            {
                 match self.pool.give_back(c, made_with) {
                     true => "untouched",
                     false => "full",
@@ -96,18 +104,19 @@ impl Shared {
 
 /// Whether a connection the client left can serve the next one with no RESET and no new
 /// AUTH: the client changed nothing on it, it is authenticated with the credentials in use
-/// (`made_with` is `current`: no rotation since), and the server checked them less than
-/// [`MAX_UNCHECKED`] ago, so that a password revoked on the server stops serving new clients
-/// within that time even on a connection that never rests.
+/// (`made_with` is `current`: no rotation since), and the server checked them within the
+/// first half of [`MAX_UNCHECKED`] (so that it can still wait in the pool) and of
+/// `max_session_age` if set (sessions re-authenticate that often: so does a connection that
+/// goes from one to the next).
 fn as_it_is(
     reuse: Reuse,
     made_with: &Arc<Credentials>,
     current: &Arc<Credentials>,
     authenticated: Instant,
+    max_session_age: Option<Duration>,
 ) -> bool {
-    reuse == Reuse::AsItIs
-        && Arc::ptr_eq(made_with, current)
-        && authenticated.elapsed() < MAX_UNCHECKED
+    let window = (MAX_UNCHECKED / 2).min(max_session_age.unwrap_or(Duration::MAX));
+    reuse == Reuse::AsItIs && Arc::ptr_eq(made_with, current) && authenticated.elapsed() < window
 }
 
 /// Serves one client until either side closes.
@@ -300,18 +309,23 @@ mod tests {
         let made = || Arc::new(Credentials::new(None, SecretString::from("p".to_owned())));
         let (with, other) = (made(), made());
         let now = Instant::now();
-        let long_ago = now
-            .checked_sub(MAX_UNCHECKED)
-            .expect("a clock older than a minute");
-        assert!(as_it_is(Reuse::AsItIs, &with, &with, now));
-        assert!(!as_it_is(Reuse::AfterReset, &with, &with, now));
-        assert!(
-            !as_it_is(Reuse::AsItIs, &with, &other, now),
-            "rotated since"
+        let ago = |d| now.checked_sub(d).expect("a clock older than a minute");
+        let half = ago(MAX_UNCHECKED / 2);
+        assert!(as_it_is(Reuse::AsItIs, &with, &with, now, None));
+        assert!(!as_it_is(Reuse::AfterReset, &with, &with, now, None));
+        let rotated = as_it_is(Reuse::AsItIs, &with, &other, now, None);
+        assert!(!rotated, "rotated since");
+        let unchecked = as_it_is(Reuse::AsItIs, &with, &with, half, None);
+        assert!(!unchecked, "unchecked too long");
+        let second = Some(Duration::from_secs(1));
+        assert!(as_it_is(Reuse::AsItIs, &with, &with, now, second));
+        let aged = as_it_is(
+            Reuse::AsItIs,
+            &with,
+            &with,
+            ago(second.unwrap() * 2),
+            second,
         );
-        assert!(
-            !as_it_is(Reuse::AsItIs, &with, &with, long_ago),
-            "unchecked too long"
-        );
+        assert!(!aged, "max_session_age");
     }
 }

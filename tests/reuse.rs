@@ -284,6 +284,11 @@ async fn a_client_that_left_inside_multi_is_not_reused() {
 }
 
 #[tokio::test]
+async fn a_discard_redis_refused_leaves_the_multi_open_and_the_connection_not_reused() {
+    after(&[&["MULTI"], &["DISCARD", "x"]], Last::Answered, false).await;
+}
+
+#[tokio::test]
 async fn a_subscriber_is_not_reused() {
     after(&[&["SUBSCRIBE", "c"]], Last::Answered, false).await;
 }
