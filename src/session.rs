@@ -317,15 +317,9 @@ mod tests {
         assert!(!rotated, "rotated since");
         let unchecked = as_it_is(Reuse::AsItIs, &with, &with, half, None);
         assert!(!unchecked, "unchecked too long");
-        let second = Some(Duration::from_secs(1));
-        assert!(as_it_is(Reuse::AsItIs, &with, &with, now, second));
-        let aged = as_it_is(
-            Reuse::AsItIs,
-            &with,
-            &with,
-            ago(second.unwrap() * 2),
-            second,
-        );
+        let (second, two) = (Duration::from_secs(1), ago(Duration::from_secs(2)));
+        assert!(as_it_is(Reuse::AsItIs, &with, &with, now, Some(second)));
+        let aged = as_it_is(Reuse::AsItIs, &with, &with, two, Some(second));
         assert!(!aged, "max_session_age");
     }
 }
