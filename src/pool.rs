@@ -9,9 +9,10 @@
 //!
 //! With `upstream.reuse`, a connection a client left clean comes back ([`Pool::give_back`]:
 //! as it is when the client changed nothing on it, else after the session RESET it and
-//! authenticated it again), within the same bound and under the same checks. New connections are then made only when the pool runs dry (or at the
-//! periodic look): a take that refilled at once would fill the room the client's connection
-//! comes back to, and every client would still cost a connect.
+//! authenticated it again), within the same bound and under the same checks. New
+//! connections are then made only when the pool runs dry (or at the periodic look): a take
+//! that refilled at once would fill the room the client's connection comes back to, and
+//! every client would still cost a connect.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};

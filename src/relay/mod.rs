@@ -404,7 +404,7 @@ impl Activity {
     }
 }
 
-/// What the upstream connection a client left can do next ([`Context::reuse`]).
+/// What the upstream connection a client left can do next ([`Settings::reuse`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reuse {
     /// Nothing: the client did not leave at an idle point, or sent something RESET cannot
@@ -423,7 +423,7 @@ pub struct Ended {
     pub result: Result<Close, RelayError>,
     pub traffic: Traffic,
     /// What the upstream connection can do next: open, every reply relayed, when the client
-    /// left it at an idle point with [`Context::reuse`].
+    /// left it at an idle point with [`Settings::reuse`].
     pub reusable: Reuse,
 }
 
