@@ -111,7 +111,6 @@ pub async fn run_with(
             metrics: Arc::clone(&metrics),
             reuse: config.upstream.reuse,
         }),
-        metrics: Arc::clone(&metrics),
         pool: Arc::new(pool::Pool::new(
             config.upstream.pool_size,
             config.upstream.reuse,

@@ -186,13 +186,13 @@ pub async fn accept_loop(
             }
         };
         let span = tracing::info_span!("session", client = %peer);
-        shared.metrics.clients_total.inc();
+        shared.relay.metrics.clients_total.inc();
         let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-            shared.metrics.refused("max_clients");
+            shared.relay.metrics.refused("max_clients");
             refuse_over_limit(stream, &lingering, tracker, max_clients, span);
             continue;
         };
-        let metrics = Arc::clone(&shared.metrics);
+        let metrics = Arc::clone(&shared.relay.metrics);
         // Made here, so that the task keeps the boxed session rather than room for the stream
         // and what makes it (every idle session holds this task).
         let session = serve(stream, Arc::clone(&shared));

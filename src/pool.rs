@@ -78,16 +78,12 @@ impl Pool {
         self.lock().len() < self.size
     }
 
-    /// Keeps `connected`, authenticated with `credentials` (RESET just now, or left untouched
-    /// by its client), for the next client, if there is room; returns whether it was kept
-    /// (else it is closed). The filler has nothing to do for it: not woken.
+    /// Keeps `connected`, authenticated with `credentials` (made just now by the filler, RESET
+    /// just now, or left untouched by its client), for the next client, if there is room;
+    /// returns whether it was kept (else the caller closes it). Given-back connections may
+    /// have filled the room while the filler was making one. The filler is not woken: it has
+    /// nothing to do for this one.
     pub fn give_back(&self, connected: Connected, credentials: Arc<Credentials>) -> bool {
-        self.keep(connected, credentials)
-    }
-
-    /// Adds a connection made or given back just now, if there is room (given-back ones may
-    /// have filled it while another was being made); returns whether it was kept.
-    fn keep(&self, connected: Connected, credentials: Arc<Credentials>) -> bool {
         let mut ready = self.lock();
         let room = ready.len() < self.size;
         if room {
@@ -177,7 +173,7 @@ impl Pool {
                 _ = stop.cancelled() => return,
                 Some(done) = making.join_next() => match done {
                     Ok((made_with, Ok(connected))) => {
-                        self.keep(connected, made_with);
+                        self.give_back(connected, made_with);
                         !self.reuse
                     }
                     Ok((_, Err(e))) => {

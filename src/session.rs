@@ -25,9 +25,9 @@ use crate::upstream::{self, Connected, EstablishError};
 pub struct Shared {
     pub upstream: Upstream,
     pub credentials: CredentialStore,
-    /// What each session's relay reads: the handshake, the downstream password, ...
+    /// What each session's relay reads: the handshake, the downstream password, the metrics
+    /// (which the rest of the session counts into as well), ...
     pub relay: Arc<relay::Settings>,
-    pub metrics: Arc<Metrics>,
     /// Ready upstream connections (`upstream.pool_size`), filled by a task of its own.
     pub pool: Arc<Pool>,
     /// `credentials.source = "aws-iam"`: each new connection gets a token signed for it.
@@ -39,11 +39,11 @@ impl Shared {
     /// made now.
     async fn connect(&self, credentials: &Arc<Credentials>) -> Result<Connected, EstablishError> {
         if let Some(ready) = self.pool.take(&self.upstream, credentials) {
-            self.metrics.pool_taken("ready");
+            self.relay.metrics.pool_taken("ready");
             return Ok(ready);
         }
         if self.upstream.pool_size > 0 {
-            self.metrics.pool_taken("none");
+            self.relay.metrics.pool_taken("none");
         }
         // A token signed for this connection: one signed earlier may be near its end, or
         // outlive the temporary AWS credentials that signed it.
@@ -56,7 +56,7 @@ impl Shared {
     /// for the next client if the pool has room, else closed; counted either way. One the
     /// client changed ([`Reuse::AfterReset`]) is RESET and authenticated again first, and so
     /// is one authenticated with other credentials (`made_with`) than those in use now, or
-    /// longer ago than [`MAX_UNCHECKED`].
+    /// too long ago to go on as it is ([`as_it_is`]).
     async fn give_back(&self, kept: Option<(Connected, Reuse)>, made_with: Arc<Credentials>) {
         let current = self.credentials.current();
         let result = match kept {
@@ -80,7 +80,7 @@ impl Shared {
             Some(_) if !self.pool.has_room() => "full",
             Some((c, _)) => self.reset_and_keep(c).await,
         };
-        self.metrics.pool_returned(result);
+        self.relay.metrics.pool_returned(result);
     }
 
     /// RESET + handshake on `c`, then into the pool: how that went, as counted.
@@ -132,7 +132,7 @@ where
     // body, and its future keeps room for both (the client twice, on every idle session).
     async move {
         let started = Instant::now();
-        let metrics = &shared.metrics;
+        let metrics = &shared.relay.metrics;
         if let Some(why) = metrics.mismatch() {
             let reply = format!("-ERR ambassador: upstream does not match the profile ({why})\r\n");
             Box::pin(refuse(&mut client, reply.as_bytes())).await;
@@ -240,7 +240,7 @@ fn peer_vanished(
     upstream: SocketAddr,
     error: &std::io::Error,
 ) {
-    shared.metrics.dead_peer(side);
+    shared.relay.metrics.dead_peer(side);
     if side == "upstream" {
         tracing::warn!(upstream = %upstream, error = %error, "upstream vanished: no answer to retransmissions or keepalive probes");
         // A reason to look again at once rather than at the next TTL, poll or check, so

@@ -13,7 +13,7 @@ pub(super) async fn serve<C>(mut client: C, shared: &Shared, started: Instant)
 where
     C: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let metrics = &shared.metrics;
+    let metrics = &shared.relay.metrics;
     let mut backend = match shared.connect(&shared.credentials.current()).await {
         Ok(connected) => connected,
         Err(e) => {
