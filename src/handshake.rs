@@ -161,10 +161,11 @@ where
 }
 
 /// Readies a connection a client left (`upstream.reuse`) for the next one: `RESET`, then
-/// the handshake a new connection gets, pipelined, within `limit`. Every reply must be
-/// what a healthy server answers a clean connection (`+RESET`, then `+OK` each) and nothing
-/// may follow them; anything else means the connection is not what the ambassador thinks,
-/// and it is not used again.
+/// the handshake a new connection gets, then `PING` with a random word, pipelined, within
+/// `limit`. Every reply must be what a healthy server answers a clean connection (`+RESET`,
+/// `+OK` each, the word) and nothing may follow them; anything else means the connection is
+/// not what the ambassador thinks, and it is not used again. The word is what no reply the
+/// client was still owed can imitate (its own pipelined `RESET` answers `+RESET`, too).
 pub async fn reset<S>(
     stream: &mut S,
     credentials: &Credentials,
@@ -176,9 +177,11 @@ where
 {
     let cmds = commands(credentials, settings);
     let exchange = async {
-        // Two writes rather than a copy of the password; pipelined all the same.
+        let word = nonce()?;
+        // Three writes rather than a copy of the password; pipelined all the same.
         stream.write_all(RESET).await?;
         stream.write_all(&cmds.bytes).await?;
+        stream.write_all(&ping(&word)).await?;
         let mut buf = Vec::with_capacity(256);
         match read_frame(stream, &mut buf).await? {
             OwnedFrame::SimpleString(s) if s == b"RESET" => {}
@@ -191,6 +194,10 @@ where
             _ => return Err(HandshakeError::Malformed),
         }
         read_replies(stream, &cmds, credentials.username(), &mut buf, true).await?;
+        match read_frame(stream, &mut buf).await? {
+            OwnedFrame::BulkString(echoed) if echoed == word => {}
+            _ => return Err(HandshakeError::Malformed),
+        }
         if !buf.is_empty() {
             return Err(HandshakeError::Malformed);
         }
@@ -202,6 +209,28 @@ where
 }
 
 const RESET: &[u8] = b"*1\r\n$5\r\nRESET\r\n";
+
+/// 32 random hex digits.
+fn nonce() -> Result<Vec<u8>, HandshakeError> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| {
+            HandshakeError::Io(std::io::Error::other("no random bytes for RESET's check"))
+        })?;
+    Ok(bytes
+        .iter()
+        .flat_map(|b| format!("{b:02x}").into_bytes())
+        .collect())
+}
+
+fn ping(word: &[u8]) -> Vec<u8> {
+    let mut cmd = format!("*2\r\n$4\r\nPING\r\n${}\r\n", word.len()).into_bytes();
+    cmd.extend_from_slice(word);
+    cmd.extend_from_slice(b"\r\n");
+    cmd
+}
 
 /// `ROLE`'s first element must be `master`. A user not allowed `ROLE` cannot confirm, and
 /// is taken at Sentinel's word.
@@ -241,35 +270,47 @@ mod tests {
     use secrecy::SecretString;
     use tokio::io::duplex;
 
-    /// [`reset`] against a server that reads the whole request, then answers `replies`.
-    async fn reset_against(replies: &'static [u8]) -> Result<(), HandshakeError> {
+    /// [`reset`] against a server that reads the whole request, then answers `replies` and,
+    /// with `echo`, the word of the request's closing PING (else another word).
+    async fn reset_against(replies: &'static [u8], echo: bool) -> Result<(), HandshakeError> {
         let credentials = Credentials::new(Some("app".into()), SecretString::from("pw"));
         let settings = Handshake {
             client_name: Some("n".into()),
             database: Some(2),
         };
-        let sent = RESET.len() + commands(&credentials, &settings).bytes.len();
+        let word_len = 32;
+        let sent =
+            RESET.len() + commands(&credentials, &settings).bytes.len() + ping(&[b'x'; 32]).len();
         let (mut ours, mut theirs) = duplex(4096);
         let server = tokio::spawn(async move {
             let mut got = vec![0; sent];
             theirs.read_exact(&mut got).await.unwrap();
+            let word = got[sent - 2 - word_len..sent - 2].to_vec();
             theirs.write_all(replies).await.unwrap();
+            let answer = if echo {
+                word.clone()
+            } else {
+                vec![b'0'; word_len]
+            };
+            theirs.write_all(&ping(&answer)[14..]).await.unwrap();
             // Kept open until the test is done with it: a close is another case.
-            (got, theirs)
+            (got, word, theirs)
         });
         let result = reset(&mut ours, &credentials, &settings, Duration::from_secs(5)).await;
-        let (got, _open) = server.await.unwrap();
+        let (got, word, _open) = server.await.unwrap();
         assert!(got.starts_with(RESET), "RESET goes first");
+        let select = b"*2\r\n$6\r\nSELECT\r\n$1\r\n2\r\n";
         assert!(
-            got.ends_with(b"*2\r\n$6\r\nSELECT\r\n$1\r\n2\r\n"),
-            "then the handshake"
+            got.ends_with(&[&select[..], &ping(&word)].concat()),
+            "then the handshake, then the PING"
         );
+        assert!(word.iter().all(u8::is_ascii_hexdigit));
         result
     }
 
     #[tokio::test]
     async fn a_clean_reset_answers_reset_then_ok_for_each() {
-        assert!(reset_against(b"+RESET\r\n+OK\r\n+OK\r\n+OK\r\n")
+        assert!(reset_against(b"+RESET\r\n+OK\r\n+OK\r\n+OK\r\n", true)
             .await
             .is_ok());
     }
@@ -277,27 +318,41 @@ mod tests {
     #[tokio::test]
     async fn anything_else_is_refused() {
         assert!(matches!(
-            reset_against(b"+OK\r\n+OK\r\n+OK\r\n+OK\r\n").await,
+            reset_against(b"+OK\r\n+OK\r\n+OK\r\n+OK\r\n", true).await,
             Err(HandshakeError::Malformed)
         ));
         assert!(matches!(
-            reset_against(b"-ERR can only reset normal client connections\r\n").await,
+            reset_against(b"-ERR can only reset normal client connections\r\n", true).await,
             Err(HandshakeError::Rejected {
                 command: "RESET",
                 ..
             })
         ));
         assert!(matches!(
-            reset_against(b"+RESET\r\n-WRONGPASS invalid username-password pair\r\n").await,
+            reset_against(
+                b"+RESET\r\n-WRONGPASS invalid username-password pair\r\n",
+                true
+            )
+            .await,
             Err(HandshakeError::AuthRejected { .. })
         ));
         assert!(matches!(
-            reset_against(b"+RESET\r\n+OK\r\n:1\r\n+OK\r\n").await,
+            reset_against(b"+RESET\r\n+OK\r\n:1\r\n+OK\r\n", true).await,
             Err(HandshakeError::Malformed)
         ));
         // A message of a subscription RESET did not end, or any byte after the replies.
         assert!(matches!(
-            reset_against(b"+RESET\r\n+OK\r\n+OK\r\n+OK\r\n+PONG\r\n").await,
+            reset_against(b"+RESET\r\n+OK\r\n+OK\r\n+OK\r\n+PONG\r\n", true).await,
+            Err(HandshakeError::Malformed)
+        ));
+    }
+
+    #[tokio::test]
+    async fn replies_owed_to_the_last_client_are_told_from_the_resets_own() {
+        // The client's own pipelined RESET and the ambassador's AUTH after it answer just
+        // what a clean RESET + handshake would; the word they cannot.
+        assert!(matches!(
+            reset_against(b"+RESET\r\n+OK\r\n+OK\r\n+OK\r\n", false).await,
             Err(HandshakeError::Malformed)
         ));
     }

@@ -106,6 +106,10 @@ where
                 // Expectations first: a reply can only be matched once its command is known.
                 biased;
                 _ = self.expectations.pushed() => {
+                    // Owed until settled at the loop's top, which may wait on a client that
+                    // does not read: the shared queue is empty meanwhile, and the session must
+                    // not look idle (a connection with a reply owed would be handed on).
+                    self.expectations.rest.replies(false, false);
                     self.expectations.take_into(&mut self.queue);
                 }
                 n = sizing.read_when_ready(&mut self.upstream, &mut chunk) => {
