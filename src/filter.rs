@@ -97,11 +97,12 @@ pub fn needs_whole(name: &[u8]) -> bool {
 /// connection itself. Any other (NO-EVICT, which Redis 7.0's RESET keeps; NO-TOUCH; SETINFO,
 /// whose library name and version RESET keeps on purpose; TRACKING and CACHING, whose
 /// invalidations may still be on their way; a subcommand newer than this list) rules reuse
-/// out. `REPLY` is allowed only as `ON` (see [`leaves_no_trace`]).
-const CLIENT_CLEARED: [&str; 12] = [
-    "id",
-    "info",
-    "list",
+/// out, and so do `ID`, `INFO` and `LIST`, which tell the client its connection's ID: another
+/// connection may name it (`CLIENT TRACKING ON REDIRECT`, `CLIENT UNBLOCK`, `CLIENT KILL ID`),
+/// and a direct client's close would end that at once, where a reused connection would carry
+/// it, invalidations and all, to the next client. `REPLY` is allowed only as `ON` (see
+/// [`leaves_no_trace`]).
+const CLIENT_CLEARED: [&str; 9] = [
     "getname",
     "setname",
     "getredir",
@@ -113,44 +114,276 @@ const CLIENT_CLEARED: [&str; 12] = [
     "help",
 ];
 
-/// The `CLIENT` subcommands that only read: after them the connection is as it was.
-const CLIENT_READS: [&str; 7] = [
-    "id",
-    "info",
-    "list",
-    "getname",
-    "getredir",
-    "trackinginfo",
-    "help",
-];
+/// The `CLIENT` subcommands that only read, and tell nothing the next client should not
+/// share: after them the connection is as it was.
+const CLIENT_READS: [&str; 4] = ["getname", "getredir", "trackinginfo", "help"];
 
-/// Whether `cmd` changes its own connection's state on the server: the database, the user,
-/// the name, the protocol, watched keys, the cluster flags (`READONLY`, `ASKING`), `CLIENT`
-/// settings. Everything else (data commands, scripts: a script's `SELECT` stays in the
-/// script) leaves the connection as the handshake made it, and it can serve another client
-/// with no RESET. What [`leaves_no_trace`] refuses (pub/sub, MONITOR, ...) is judged there.
-/// Dispatched on the name's length first: it runs on every command of a clean session.
+/// The commands that leave their own connection as the handshake made it: every command of
+/// Redis 7.0 (`COMMAND LIST`) but those that change the connection (the database, the user,
+/// the name, the protocol, MULTI, watched keys, the cluster flags `READONLY` and `ASKING`,
+/// `CLIENT` settings, judged on their own) and those [`leaves_no_trace`] refuses (pub/sub,
+/// MONITOR, replication, DEBUG), and the data commands of 7.2 to 8.0. Data commands and
+/// scripts (a script's `SELECT` stays in the script) are here. A name that is not (a command
+/// renamed with `rename-command`, a module's, one newer than this list) may have changed
+/// anything: the connection goes through RESET before another client gets it. Sorted, for
+/// a binary search.
+const LEAVE_CONNECTION: [&str; N_LEAVE] = [
+    "acl",
+    "append",
+    "bgrewriteaof",
+    "bgsave",
+    "bitcount",
+    "bitfield",
+    "bitfield_ro",
+    "bitop",
+    "bitpos",
+    "blmove",
+    "blmpop",
+    "blpop",
+    "brpop",
+    "brpoplpush",
+    "bzmpop",
+    "bzpopmax",
+    "bzpopmin",
+    "cluster",
+    "command",
+    "config",
+    "copy",
+    "dbsize",
+    "decr",
+    "decrby",
+    "del",
+    "discard",
+    "dump",
+    "echo",
+    "eval",
+    "eval_ro",
+    "evalsha",
+    "evalsha_ro",
+    "exec",
+    "exists",
+    "expire",
+    "expireat",
+    "expiretime",
+    "failover",
+    "fcall",
+    "fcall_ro",
+    "flushall",
+    "flushdb",
+    "function",
+    "geoadd",
+    "geodist",
+    "geohash",
+    "geopos",
+    "georadius",
+    "georadius_ro",
+    "georadiusbymember",
+    "georadiusbymember_ro",
+    "geosearch",
+    "geosearchstore",
+    "get",
+    "getbit",
+    "getdel",
+    "getex",
+    "getrange",
+    "getset",
+    "hdel",
+    "hexists",
+    "hexpire",
+    "hexpireat",
+    "hexpiretime",
+    "hget",
+    "hgetall",
+    "hgetdel",
+    "hgetex",
+    "hincrby",
+    "hincrbyfloat",
+    "hkeys",
+    "hlen",
+    "hmget",
+    "hmset",
+    "hpersist",
+    "hpexpire",
+    "hpexpireat",
+    "hpexpiretime",
+    "hpttl",
+    "hrandfield",
+    "hscan",
+    "hset",
+    "hsetex",
+    "hsetnx",
+    "hstrlen",
+    "httl",
+    "hvals",
+    "incr",
+    "incrby",
+    "incrbyfloat",
+    "info",
+    "keys",
+    "lastsave",
+    "latency",
+    "lcs",
+    "lindex",
+    "linsert",
+    "llen",
+    "lmove",
+    "lmpop",
+    "lolwut",
+    "lpop",
+    "lpos",
+    "lpush",
+    "lpushx",
+    "lrange",
+    "lrem",
+    "lset",
+    "ltrim",
+    "memory",
+    "mget",
+    "migrate",
+    "module",
+    "move",
+    "mset",
+    "msetnx",
+    "object",
+    "persist",
+    "pexpire",
+    "pexpireat",
+    "pexpiretime",
+    "pfadd",
+    "pfcount",
+    "pfdebug",
+    "pfmerge",
+    "pfselftest",
+    "ping",
+    "psetex",
+    "pttl",
+    "publish",
+    "pubsub",
+    "quit",
+    "randomkey",
+    "rename",
+    "renamenx",
+    "replicaof",
+    "restore",
+    "restore-asking",
+    "role",
+    "rpop",
+    "rpoplpush",
+    "rpush",
+    "rpushx",
+    "sadd",
+    "save",
+    "scan",
+    "scard",
+    "script",
+    "sdiff",
+    "sdiffstore",
+    "set",
+    "setbit",
+    "setex",
+    "setnx",
+    "setrange",
+    "shutdown",
+    "sinter",
+    "sintercard",
+    "sinterstore",
+    "sismember",
+    "slaveof",
+    "slowlog",
+    "smembers",
+    "smismember",
+    "smove",
+    "sort",
+    "sort_ro",
+    "spop",
+    "spublish",
+    "srandmember",
+    "srem",
+    "sscan",
+    "strlen",
+    "substr",
+    "sunion",
+    "sunionstore",
+    "swapdb",
+    "time",
+    "touch",
+    "ttl",
+    "type",
+    "unlink",
+    "unwatch",
+    "wait",
+    "waitaof",
+    "xack",
+    "xadd",
+    "xautoclaim",
+    "xclaim",
+    "xdel",
+    "xgroup",
+    "xinfo",
+    "xlen",
+    "xpending",
+    "xrange",
+    "xread",
+    "xreadgroup",
+    "xrevrange",
+    "xsetid",
+    "xtrim",
+    "zadd",
+    "zcard",
+    "zcount",
+    "zdiff",
+    "zdiffstore",
+    "zincrby",
+    "zinter",
+    "zintercard",
+    "zinterstore",
+    "zlexcount",
+    "zmpop",
+    "zmscore",
+    "zpopmax",
+    "zpopmin",
+    "zrandmember",
+    "zrange",
+    "zrangebylex",
+    "zrangebyscore",
+    "zrangestore",
+    "zrank",
+    "zrem",
+    "zremrangebylex",
+    "zremrangebyrank",
+    "zremrangebyscore",
+    "zrevrange",
+    "zrevrangebylex",
+    "zrevrangebyscore",
+    "zrevrank",
+    "zscan",
+    "zscore",
+    "zunion",
+    "zunionstore",
+];
+const N_LEAVE: usize = 232;
+
+/// Whether `cmd` may have changed its own connection's state on the server: a name not in
+/// [`LEAVE_CONNECTION`], or a `CLIENT` subcommand other than [`CLIENT_READS`]. What
+/// [`leaves_no_trace`] refuses is judged there. Runs on every command of a clean session:
+/// a binary search on the name, lowercased on the stack.
 fn changes_connection(cmd: &Command<'_>) -> bool {
     let name = cmd.arg(0).unwrap_or_default();
-    let any = |names: &[&str]| {
-        names
+    if name.eq_ignore_ascii_case(b"client") {
+        let sub = cmd.arg(1).unwrap_or_default();
+        return !CLIENT_READS
             .iter()
-            .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
-    };
-    match name.len() {
-        4 => any(&["auth"]),
-        5 => any(&["hello", "reset", "watch"]),
-        6 if name.eq_ignore_ascii_case(b"client") => {
-            let sub = cmd.arg(1).unwrap_or_default();
-            !CLIENT_READS
-                .iter()
-                .any(|n| sub.eq_ignore_ascii_case(n.as_bytes()))
-        }
-        6 => any(&["select", "asking"]),
-        8 => any(&["readonly"]),
-        9 => any(&["readwrite"]),
-        _ => false,
+            .any(|n| sub.eq_ignore_ascii_case(n.as_bytes()));
     }
+    let mut lower = [0u8; 24];
+    let Some(lower) = lower.get_mut(..name.len()) else {
+        return true;
+    };
+    lower.copy_from_slice(name);
+    lower.make_ascii_lowercase();
+    LEAVE_CONNECTION
+        .binary_search_by(|n| n.as_bytes().cmp(lower))
+        .is_err()
 }
 
 /// The commands after which the upstream sends more than replies, for good: MONITOR's feed,
@@ -611,7 +844,10 @@ mod tests {
             &["GET", "k"],
             &["SELECT", "3"]
         ]));
-        assert!(after(&[&["client", "setname", "x"], &["CLIENT", "ID"]]));
+        assert!(after(&[
+            &["client", "setname", "x"],
+            &["CLIENT", "GETNAME"]
+        ]));
         assert!(after(&[
             &["CLIENT", "REPLY", "ON"],
             &["HELLO", "3"],
@@ -635,6 +871,9 @@ mod tests {
             &["SCRIPT", "DEBUG", "YES"],
             &["DEBUG", "SLEEP", "0"],
             &["CLIENT"],
+            &["CLIENT", "ID"],
+            &["client", "info"],
+            &["CLIENT", "LIST"],
         ] {
             assert!(!after(&[dirty, &["RESET"], &["PING"]]), "{dirty:?}");
         }
@@ -656,11 +895,9 @@ mod tests {
                 &["SET", "k", "v"],
                 &["get", "k"],
                 &["EVAL", "redis.call('select', 3)", "0"],
-                &["MULTI"],
-                &["INCR", "k"],
-                &["EXEC"],
-                &["CLIENT", "ID"],
-                &["client", "info"],
+                &["client", "getname"],
+                &["GeoRadiusByMember_RO", "k", "m", "1", "km"],
+                &["HEXPIRE", "k", "1", "FIELDS", "1", "f"],
                 &["PING"],
             ]),
             (true, true)
@@ -676,6 +913,12 @@ mod tests {
             &["readwrite"],
             &["ASKING"],
             &["RESET"],
+            // A refused DISCARD (ACL) would leave it open: RESET closes it.
+            &["MULTI"],
+            // Renamed (SELECT, say), a module's, or newer than the list: unknown, so RESET.
+            &["mysel", "5"],
+            &["MODULE.CMD"],
+            &["a-name-longer-than-any-command-redis-has"],
         ] {
             assert_eq!(after(&[touches, &["PING"]]), (false, true), "{touches:?}");
             let queued = after(&[&["MULTI"], touches, &["EXEC"]]);
@@ -730,5 +973,16 @@ mod tests {
             one,
             "nothing queued any more"
         );
+    }
+
+    #[test]
+    fn the_commands_that_leave_the_connection_are_sorted_lowercase_and_fit_the_buffer() {
+        assert!(LEAVE_CONNECTION.windows(2).all(|w| w[0] < w[1]));
+        for n in LEAVE_CONNECTION {
+            assert!(
+                n.len() <= 24 && n.bytes().all(|b| !b.is_ascii_uppercase()),
+                "{n}"
+            );
+        }
     }
 }

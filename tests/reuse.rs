@@ -21,7 +21,10 @@ const STATE: [&str; 13] = [
 
 /// A server and an ambassador with two ready connections and `extra` upstream lines.
 async fn reusing(extra: &str) -> (RedisServer, Ambassador) {
-    let server = RedisServer::start(ServerAuth::app());
+    reusing_on(RedisServer::start(ServerAuth::app()), extra).await
+}
+
+async fn reusing_on(server: RedisServer, extra: &str) -> (RedisServer, Ambassador) {
     let dir = tempfile::tempdir().unwrap();
     let profile = profile_for(&server, dir.path(), &format!("{HANDSHAKE}{NO_PROBES}")).replace(
         "[upstream]\n",
@@ -39,13 +42,35 @@ fn id_of(frame: OwnedFrame) -> i64 {
     }
 }
 
-/// The connection state `CLIENT INFO` shows, field by field.
-async fn state(client: &mut Raw) -> Vec<String> {
-    let info = text(&client.cmd(&["CLIENT", "INFO"]).await).expect("CLIENT INFO");
-    info.split_whitespace()
-        .filter(|kv| STATE.contains(&kv.split('=').next().unwrap_or_default()))
-        .map(str::to_owned)
-        .collect()
+/// The ID and the connection state (`CLIENT LIST`'s fields, field by field) of `client`'s
+/// upstream connection, as a direct connection to the server sees them: `client` runs
+/// `marker`, a command no other connection of the test has just run, and its connection is
+/// the one whose last command that was. (A client that asks its own ID, with `CLIENT ID`,
+/// `INFO` or `LIST`, rules its connection out of reuse.)
+async fn seen(server: &RedisServer, client: &mut Raw, marker: &str) -> (i64, Vec<String>) {
+    assert!(!matches!(
+        client.cmd(&[marker]).await,
+        OwnedFrame::SimpleError { .. }
+    ));
+    let mut observer = server.direct().await;
+    let list = text(&observer.cmd(&["CLIENT", "LIST"]).await).expect("CLIENT LIST");
+    let cmd = format!(" cmd={} ", marker.to_lowercase());
+    let mut lines = list.lines().filter(|l| l.contains(&cmd));
+    let line = lines.next().unwrap_or_else(|| panic!("no {cmd} in {list}"));
+    assert!(
+        lines.next().is_none(),
+        "two connections ran {marker}: {list}"
+    );
+    let field = |kv: &&str| STATE.contains(&kv.split('=').next().unwrap_or_default());
+    let id = line.strip_prefix("id=").and_then(|l| l.split(' ').next());
+    let id = id.and_then(|id| id.parse().ok()).expect("id=");
+    (
+        id,
+        line.split_whitespace()
+            .filter(field)
+            .map(str::to_owned)
+            .collect(),
+    )
 }
 
 /// The profile's credentials become user `rotated`'s; returns once the ambassador uses them.
@@ -85,21 +110,21 @@ async fn wait_returned(amb: &Ambassador, result: &str, n: f64) {
 
 #[tokio::test]
 async fn the_next_client_gets_the_connection_reset_and_authenticated_as_new() {
-    let (_server, amb) = reusing("").await;
+    let (server, amb) = reusing("").await;
     let mut first = amb.connect().await;
-    let fresh = state(&mut first).await;
+    let (id, fresh) = seen(&server, &mut first, "LASTSAVE").await;
     assert!(fresh.contains(&"name=amb-reuse".to_owned()), "{fresh:?}");
     assert!(fresh.contains(&"db=2".to_owned()), "{fresh:?}");
     assert_eq!(first.cmd(&["SET", "k", "v"]).await, simple("OK"));
     assert_eq!(first.cmd(&["GET", "k"]).await, bulk(b"v"));
     // A SELECT, even of the same database, changes the connection: RESET it.
     assert_eq!(first.cmd(&["SELECT", "2"]).await, simple("OK"));
-    let id = id_of(first.cmd(&["CLIENT", "ID"]).await);
     drop(first);
     wait_returned(&amb, "reused", 1.0).await;
 
     let mut next = amb.connect().await;
-    assert_eq!(id_of(next.cmd(&["CLIENT", "ID"]).await), id, "not reused");
+    let (next_id, next_state) = seen(&server, &mut next, "DBSIZE").await;
+    assert_eq!(next_id, id, "not reused");
     assert_eq!(next.cmd(&["ACL", "WHOAMI"]).await, bulk(USER.as_bytes()));
     assert_eq!(next.cmd(&["CLIENT", "GETNAME"]).await, bulk(b"amb-reuse"));
     assert_eq!(
@@ -107,7 +132,7 @@ async fn the_next_client_gets_the_connection_reset_and_authenticated_as_new() {
         bulk(b"v"),
         "the profile's db"
     );
-    assert_eq!(state(&mut next).await, fresh);
+    assert_eq!(next_state, fresh);
     assert_eq!(
         amb.metric("ambassador_upstream_pool_taken_total", ("from", "ready"))
             .await,
@@ -123,8 +148,7 @@ async fn a_connection_left_untouched_is_handed_on_with_no_reset() {
     let mut monitor = server.direct().await;
     assert_eq!(monitor.cmd(&["MONITOR"]).await, simple("OK"));
     let mut first = amb.connect().await;
-    let fresh = state(&mut first).await;
-    let id = id_of(first.cmd(&["CLIENT", "ID"]).await);
+    let (id, fresh) = seen(&server, &mut first, "LASTSAVE").await;
     assert_eq!(first.cmd(&["SET", "k", "v"]).await, simple("OK"));
     let script = "redis.call('select', 5) return redis.call('get', 'k')";
     let other_db = first.cmd(&["EVAL", script, "0"]).await;
@@ -138,13 +162,14 @@ async fn a_connection_left_untouched_is_handed_on_with_no_reset() {
 
     let mut next = amb.connect().await;
     assert_eq!(next.cmd(&["ECHO", "next-came"]).await, bulk(b"next-came"));
-    assert_eq!(id_of(next.cmd(&["CLIENT", "ID"]).await), id, "not reused");
+    let (next_id, next_state) = seen(&server, &mut next, "DBSIZE").await;
+    assert_eq!(next_id, id, "not reused");
     assert_eq!(
         next.cmd(&["GET", "k"]).await,
         bulk(b"v"),
         "the profile's db"
     );
-    assert_eq!(state(&mut next).await, fresh);
+    assert_eq!(next_state, fresh);
     assert_eq!(returned(&amb, "reused").await, 0.0);
     // Between the two, the server was sent nothing.
     let seen = monitor_until(&mut monitor, "\"next-came\"").await;
@@ -162,7 +187,7 @@ async fn a_connection_left_untouched_is_handed_on_with_no_reset() {
 async fn a_connection_authenticated_before_a_rotation_is_reset_before_it_is_handed_on() {
     let (server, amb) = reusing("").await;
     let mut first = amb.connect().await;
-    let id = id_of(first.cmd(&["CLIENT", "ID"]).await);
+    let (id, _) = seen(&server, &mut first, "LASTSAVE").await;
     rotate(&server, &amb).await;
     assert_eq!(first.cmd(&["PING"]).await, simple("PONG"));
     // The rotation replaced the pool's connections (two); one taken leaves room for first's.
@@ -174,7 +199,7 @@ async fn a_connection_authenticated_before_a_rotation_is_reset_before_it_is_hand
     assert_eq!(returned(&amb, "untouched").await, 0.0);
 
     let mut next = amb.connect().await;
-    assert_eq!(id_of(next.cmd(&["CLIENT", "ID"]).await), id, "not reused");
+    assert_eq!(seen(&server, &mut next, "DBSIZE").await.0, id, "not reused");
     assert_eq!(next.cmd(&["ACL", "WHOAMI"]).await, bulk(b"rotated"));
     assert_eq!(next.cmd(&["CLIENT", "GETNAME"]).await, bulk(b"amb-reuse"));
     drop((next, held));
@@ -197,16 +222,16 @@ async fn a_tls_connection_is_reused_without_a_new_handshake() {
     let amb = Ambassador::with_config(load_config(dir.path(), &profile), dir).await;
     two_ready(&amb, "two ready connections").await;
     let mut first = amb.connect().await;
-    let fresh = state(&mut first).await;
-    let id = id_of(first.cmd(&["CLIENT", "ID"]).await);
+    let (id, fresh) = seen(&server, &mut first, "LASTSAVE").await;
     assert_eq!(first.cmd(&["SELECT", "5"]).await, simple("OK"));
     drop(first);
     wait_returned(&amb, "reused", 1.0).await;
 
     let mut next = amb.connect().await;
-    assert_eq!(id_of(next.cmd(&["CLIENT", "ID"]).await), id);
+    let (next_id, next_state) = seen(&server, &mut next, "DBSIZE").await;
+    assert_eq!(next_id, id);
     assert_eq!(next.cmd(&["ACL", "WHOAMI"]).await, bulk(USER.as_bytes()));
-    assert_eq!(state(&mut next).await, fresh);
+    assert_eq!(next_state, fresh);
     // One TLS handshake (full or resumed) counted for two sessions on one connection.
     let mut handshakes = 0.0;
     for kind in ["full", "resumed"] {
@@ -234,8 +259,7 @@ enum Last {
 async fn after(commands: &[&[&str]], last: Last, reused: bool) {
     let (server, amb) = reusing("").await;
     let mut first = amb.connect().await;
-    let fresh = state(&mut first).await;
-    let id = id_of(first.cmd(&["CLIENT", "ID"]).await);
+    let (id, fresh) = seen(&server, &mut first, "LASTSAVE").await;
     let (last_command, before) = commands.split_last().unwrap();
     for c in before {
         first.cmd(c).await;
@@ -255,9 +279,9 @@ async fn after(commands: &[&[&str]], last: Last, reused: bool) {
     assert_eq!(returned(&amb, other).await, 0.0);
 
     let mut next = amb.connect().await;
-    let next_id = id_of(next.cmd(&["CLIENT", "ID"]).await);
+    let (next_id, next_state) = seen(&server, &mut next, "DBSIZE").await;
     assert_eq!(next_id == id, reused, "{commands:?}: {next_id} after {id}");
-    assert_eq!(state(&mut next).await, fresh, "after {commands:?}");
+    assert_eq!(next_state, fresh, "after {commands:?}");
     assert_eq!(next.cmd(&["PING"]).await, simple("PONG"));
     drop(next);
     amb.stop().await;
@@ -319,6 +343,92 @@ async fn a_pending_blocking_pop_is_not_reused() {
 }
 
 #[tokio::test]
+async fn a_client_that_asked_its_connection_id_is_not_reused() {
+    // Another connection may name that ID (CLIENT TRACKING ... REDIRECT, CLIENT UNBLOCK): a
+    // direct client's close ends that, a reused connection would carry it to the next client.
+    after(&[&["CLIENT", "ID"]], Last::Answered, false).await;
+    after(&[&["CLIENT", "INFO"]], Last::Answered, false).await;
+    after(&[&["client", "list"]], Last::Answered, false).await;
+}
+
+#[tokio::test]
+async fn a_transaction_is_reset_before_its_connection_is_handed_on() {
+    after(
+        &[&["MULTI"], &["SET", "k", "v"], &["EXEC"]],
+        Last::Answered,
+        true,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_multi_left_open_by_a_refused_discard_is_reset() {
+    // The user may not DISCARD: Redis refuses it and the MULTI stays open, which the
+    // ambassador cannot tell from a DISCARD that worked. MULTI alone sends it through RESET.
+    let (server, amb) = reusing("").await;
+    let mut admin = server.direct().await;
+    assert_eq!(
+        admin.cmd(&["ACL", "SETUSER", USER, "-discard"]).await,
+        simple("OK")
+    );
+    let mut first = amb.connect().await;
+    let (id, fresh) = seen(&server, &mut first, "LASTSAVE").await;
+    assert_eq!(first.cmd(&["MULTI"]).await, simple("OK"));
+    assert_eq!(first.cmd(&["SET", "k", "v"]).await, simple("QUEUED"));
+    let refused = first.cmd(&["DISCARD"]).await;
+    assert!(
+        matches!(refused, OwnedFrame::SimpleError { .. }),
+        "{refused:?}"
+    );
+    drop(first);
+    wait_returned(&amb, "reused", 1.0).await;
+    assert_eq!(returned(&amb, "untouched").await, 0.0);
+
+    let mut next = amb.connect().await;
+    let (next_id, next_state) = seen(&server, &mut next, "DBSIZE").await;
+    assert_eq!(next_id, id, "not reused");
+    assert_eq!(next_state, fresh);
+    assert_eq!(next.cmd(&["GET", "k"]).await, OwnedFrame::Null);
+    drop(next);
+    amb.stop().await;
+}
+
+#[tokio::test]
+async fn a_command_the_ambassador_does_not_know_sends_the_connection_through_reset() {
+    // Renamed with rename-command, WATCH and HELLO look like no command the filter knows
+    // (as would a module's, or one newer than its list).
+    let server = RedisServer::start_with(
+        ServerAuth::app(),
+        &[
+            "--rename-command",
+            "WATCH",
+            "mywatch",
+            "--rename-command",
+            "HELLO",
+            "myhello",
+        ],
+    );
+    let (server, amb) = reusing_on(server, "").await;
+    let mut first = amb.connect().await;
+    let (id, fresh) = seen(&server, &mut first, "LASTSAVE").await;
+    assert_eq!(first.cmd(&["mywatch", "k"]).await, simple("OK"));
+    assert!(matches!(
+        first.cmd(&["myhello", "3"]).await,
+        OwnedFrame::Map { .. }
+    ));
+    drop(first);
+    wait_returned(&amb, "reused", 1.0).await;
+    assert_eq!(returned(&amb, "untouched").await, 0.0);
+
+    let mut next = amb.connect().await;
+    let (next_id, next_state) = seen(&server, &mut next, "DBSIZE").await;
+    assert_eq!(next_id, id, "not reused");
+    assert_eq!(next_state, fresh);
+    drop(next);
+    amb.stop().await;
+}
+
+#[tokio::test]
 async fn client_no_evict_is_not_reused() {
     // Redis 7.0's RESET keeps CLIENT NO-EVICT: the next client would inherit it.
     after(&[&["CLIENT", "NO-EVICT", "ON"]], Last::Answered, false).await;
@@ -365,7 +475,7 @@ async fn reuse_can_be_turned_off() {
 async fn after_a_rotation_a_returned_connection_is_not_handed_out() {
     let (server, amb) = reusing("").await;
     let mut first = amb.connect().await;
-    let id = id_of(first.cmd(&["CLIENT", "ID"]).await);
+    let (id, _) = seen(&server, &mut first, "LASTSAVE").await;
     drop(first);
     wait_returned(&amb, "untouched", 1.0).await;
 
@@ -373,7 +483,7 @@ async fn after_a_rotation_a_returned_connection_is_not_handed_out() {
 
     let mut next = amb.connect().await;
     assert_eq!(next.cmd(&["ACL", "WHOAMI"]).await, bulk(b"rotated"));
-    assert_ne!(id_of(next.cmd(&["CLIENT", "ID"]).await), id);
+    assert_ne!(seen(&server, &mut next, "DBSIZE").await.0, id);
     assert_eq!(next.cmd(&["CLIENT", "GETNAME"]).await, bulk(b"amb-reuse"));
     drop(next);
     amb.stop().await;
@@ -383,7 +493,7 @@ async fn after_a_rotation_a_returned_connection_is_not_handed_out() {
 async fn a_connection_whose_reauthentication_fails_is_dropped() {
     let (server, amb) = reusing("").await;
     let mut first = amb.connect().await;
-    let id = id_of(first.cmd(&["CLIENT", "ID"]).await);
+    let (id, _) = seen(&server, &mut first, "LASTSAVE").await;
     assert_eq!(first.cmd(&["SELECT", "3"]).await, simple("OK"));
     // The profile's user is disabled while the client is connected: its connection stays
     // authenticated, but the AUTH after RESET is refused.
@@ -394,7 +504,7 @@ async fn a_connection_whose_reauthentication_fails_is_dropped() {
     admin.cmd(&["ACL", "SETUSER", USER, "on"]).await;
 
     let mut next = amb.connect().await;
-    assert_ne!(id_of(next.cmd(&["CLIENT", "ID"]).await), id);
+    assert_ne!(seen(&server, &mut next, "DBSIZE").await.0, id);
     assert_eq!(next.cmd(&["ACL", "WHOAMI"]).await, bulk(USER.as_bytes()));
     drop(next);
     amb.stop().await;
