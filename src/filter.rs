@@ -475,6 +475,13 @@ impl Filter {
         !self.reply_off && !self.skip_next
     }
 
+    /// Redis read a line it ignores (an empty one, `*0`, `*-1`): it resets the client as
+    /// after a command (`resetClient`), which uses up a pending `CLIENT REPLY SKIP`, and the
+    /// command after it is answered.
+    pub fn ignored(&mut self) {
+        self.skip_next = false;
+    }
+
     /// Decides what to do with `cmd`. `password_ok` checks a password a client offers
     /// against the downstream password.
     pub fn decide<'a>(

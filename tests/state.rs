@@ -491,6 +491,45 @@ async fn client_reply_off_on_and_skip() {
     assert_eq!(c.cmd(&["PING"]).await, simple("PONG"));
 }
 
+#[tokio::test]
+async fn a_line_redis_ignores_uses_up_client_reply_skip_as_redis_does() {
+    let server = RedisServer::start(ServerAuth::app());
+    let amb = Ambassador::with_client_password(&server).await;
+    // An empty line, `*0` and `*-1` each reset the client in Redis as a command would: the
+    // SKIP is spent on them and the PING after is answered. The wrong downstream password's
+    // WRONGPASS, which the ambassador answers itself in its place, shows whether the
+    // ambassador counted that reply.
+    for ignored in [&b"\r\n"[..], b"*0\r\n", b"*-1\r\n"] {
+        let mut c = amb.connect().await;
+        assert_eq!(c.cmd(&["AUTH", CLIENT_PASSWORD]).await, ok());
+        let mut batch = command(&["CLIENT", "REPLY", "SKIP"]);
+        batch.extend_from_slice(ignored);
+        batch.extend(command(&["PING", "a"]));
+        batch.extend(command(&["AUTH", "wrong"]));
+        batch.extend(command(&["PING", "b"]));
+        c.send(&batch).await;
+        let got = [c.reply().await, c.reply().await, c.reply().await];
+        assert_eq!(got[0], bulk(b"a"), "after {ignored:?}: {got:?}");
+        assert!(
+            matches!(&got[1], OwnedFrame::SimpleError { data, .. } if data.starts_with("WRONGPASS")),
+            "after {ignored:?}: {got:?}"
+        );
+        assert_eq!(got[2], bulk(b"b"), "after {ignored:?}: {got:?}");
+
+        // Redis itself, for the record.
+        let mut direct = server.direct().await;
+        let mut batch = command(&["CLIENT", "REPLY", "SKIP"]);
+        batch.extend_from_slice(ignored);
+        batch.extend(command(&["PING", "a"]));
+        direct.send(&batch).await;
+        assert_eq!(
+            direct.reply().await,
+            bulk(b"a"),
+            "direct, after {ignored:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn value_of_64_mib_round_trips_intact() {
     let server = RedisServer::start(ServerAuth::app());

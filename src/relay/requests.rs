@@ -194,6 +194,7 @@ where
                 Request::Incomplete => break None,
                 Request::Ignored { len } => {
                     if self.filter.authenticated {
+                        self.filter.ignored();
                         b.done += len;
                     } else {
                         self.skip(&mut b, len).await?;
