@@ -361,6 +361,24 @@ async fn a_transaction_is_reset_before_its_connection_is_handed_on() {
     .await;
 }
 
+/// `first` (whose connection `seen` found as `id`, `fresh`) leaves: its connection must come
+/// back through RESET, not untouched, and serve the next client as a fresh one would.
+async fn handed_on_after_reset(
+    server: &RedisServer,
+    amb: &Ambassador,
+    first: Raw,
+    (id, fresh): (i64, Vec<String>),
+) -> Raw {
+    drop(first);
+    wait_returned(amb, "reused", 1.0).await;
+    assert_eq!(returned(amb, "untouched").await, 0.0);
+    let mut next = amb.connect().await;
+    let (next_id, next_state) = seen(server, &mut next, "DBSIZE").await;
+    assert_eq!(next_id, id, "not reused");
+    assert_eq!(next_state, fresh);
+    next
+}
+
 #[tokio::test]
 async fn a_multi_left_open_by_a_refused_discard_is_reset() {
     // The user may not DISCARD: Redis refuses it and the MULTI stays open, which the
@@ -380,14 +398,7 @@ async fn a_multi_left_open_by_a_refused_discard_is_reset() {
         matches!(refused, OwnedFrame::SimpleError { .. }),
         "{refused:?}"
     );
-    drop(first);
-    wait_returned(&amb, "reused", 1.0).await;
-    assert_eq!(returned(&amb, "untouched").await, 0.0);
-
-    let mut next = amb.connect().await;
-    let (next_id, next_state) = seen(&server, &mut next, "DBSIZE").await;
-    assert_eq!(next_id, id, "not reused");
-    assert_eq!(next_state, fresh);
+    let mut next = handed_on_after_reset(&server, &amb, first, (id, fresh)).await;
     assert_eq!(next.cmd(&["GET", "k"]).await, OwnedFrame::Null);
     drop(next);
     amb.stop().await;
@@ -416,14 +427,7 @@ async fn a_command_the_ambassador_does_not_know_sends_the_connection_through_res
         first.cmd(&["myhello", "3"]).await,
         OwnedFrame::Map { .. }
     ));
-    drop(first);
-    wait_returned(&amb, "reused", 1.0).await;
-    assert_eq!(returned(&amb, "untouched").await, 0.0);
-
-    let mut next = amb.connect().await;
-    let (next_id, next_state) = seen(&server, &mut next, "DBSIZE").await;
-    assert_eq!(next_id, id, "not reused");
-    assert_eq!(next_state, fresh);
+    let next = handed_on_after_reset(&server, &amb, first, (id, fresh)).await;
     drop(next);
     amb.stop().await;
 }
