@@ -146,7 +146,7 @@ where
     let exchange = async {
         stream.write_all(&cmds.bytes).await?;
         if confirm_master {
-            stream.write_all(b"*1\r\n$4\r\nROLE\r\n").await?;
+            stream.write_all(ROLE).await?;
         }
         let mut buf = Vec::with_capacity(256);
         read_replies(stream, &cmds, credentials.username(), &mut buf, false).await?;
@@ -161,15 +161,17 @@ where
 }
 
 /// Readies a connection a client left (`upstream.reuse`) for the next one: `RESET`, then
-/// the handshake a new connection gets, then `PING` with a random word, pipelined, within
-/// `limit`. Every reply must be what a healthy server answers a clean connection (`+RESET`,
-/// `+OK` each, the word) and nothing may follow them; anything else means the connection is
+/// the handshake a new connection gets (with `confirm_master`, `ROLE` too, which must answer
+/// `master`), then `PING` with a random word, pipelined, within `limit`. Every reply must be
+/// what a healthy server answers a clean connection (`+RESET`, `+OK` each, the word) and
+/// nothing may follow them; anything else means the connection is
 /// not what the ambassador thinks, and it is not used again. The word is what no reply the
 /// client was still owed can imitate (its own pipelined `RESET` answers `+RESET`, too).
 pub async fn reset<S>(
     stream: &mut S,
     credentials: &Credentials,
     settings: &Handshake,
+    confirm_master: bool,
     limit: Duration,
 ) -> Result<(), HandshakeError>
 where
@@ -181,6 +183,9 @@ where
         // Three writes rather than a copy of the password; pipelined all the same.
         stream.write_all(RESET).await?;
         stream.write_all(&cmds.bytes).await?;
+        if confirm_master {
+            stream.write_all(ROLE).await?;
+        }
         stream.write_all(&ping(&word)).await?;
         let mut buf = Vec::with_capacity(256);
         match read_frame(stream, &mut buf).await? {
@@ -194,6 +199,9 @@ where
             _ => return Err(HandshakeError::Malformed),
         }
         read_replies(stream, &cmds, credentials.username(), &mut buf, true).await?;
+        if confirm_master {
+            check_role(read_frame(stream, &mut buf).await?)?;
+        }
         match read_frame(stream, &mut buf).await? {
             OwnedFrame::BulkString(echoed) if echoed == word => {}
             _ => return Err(HandshakeError::Malformed),
@@ -209,6 +217,7 @@ where
 }
 
 const RESET: &[u8] = b"*1\r\n$5\r\nRESET\r\n";
+const ROLE: &[u8] = b"*1\r\n$4\r\nROLE\r\n";
 
 /// 32 random hex digits.
 fn nonce() -> Result<Vec<u8>, HandshakeError> {
@@ -273,14 +282,26 @@ mod tests {
     /// [`reset`] against a server that reads the whole request, then answers `replies` and,
     /// with `echo`, the word of the request's closing PING (else another word).
     async fn reset_against(replies: &'static [u8], echo: bool) -> Result<(), HandshakeError> {
+        reset_against_confirming(replies, echo, false).await
+    }
+
+    /// The same; with `confirm_master`, the request has a ROLE before the PING.
+    async fn reset_against_confirming(
+        replies: &'static [u8],
+        echo: bool,
+        confirm_master: bool,
+    ) -> Result<(), HandshakeError> {
         let credentials = Credentials::new(Some("app".into()), SecretString::from("pw"));
         let settings = Handshake {
             client_name: Some("n".into()),
             database: Some(2),
         };
         let word_len = 32;
-        let sent =
-            RESET.len() + commands(&credentials, &settings).bytes.len() + ping(&[b'x'; 32]).len();
+        let role: &[u8] = if confirm_master { ROLE } else { b"" };
+        let sent = RESET.len()
+            + commands(&credentials, &settings).bytes.len()
+            + role.len()
+            + ping(&[b'x'; 32]).len();
         let (mut ours, mut theirs) = duplex(4096);
         let server = tokio::spawn(async move {
             let mut got = vec![0; sent];
@@ -296,12 +317,13 @@ mod tests {
             // Kept open until the test is done with it: a close is another case.
             (got, word, theirs)
         });
-        let result = reset(&mut ours, &credentials, &settings, Duration::from_secs(5)).await;
+        let limit = Duration::from_secs(5);
+        let result = reset(&mut ours, &credentials, &settings, confirm_master, limit).await;
         let (got, word, _open) = server.await.unwrap();
         assert!(got.starts_with(RESET), "RESET goes first");
         let select = b"*2\r\n$6\r\nSELECT\r\n$1\r\n2\r\n";
         assert!(
-            got.ends_with(&[&select[..], &ping(&word)].concat()),
+            got.ends_with(&[&select[..], role, &ping(&word)].concat()),
             "then the handshake, then the PING"
         );
         assert!(word.iter().all(u8::is_ascii_hexdigit));
@@ -358,11 +380,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_sentinel_master_is_confirmed_again_by_role() {
+        let master = b"+RESET\r\n+OK\r\n+OK\r\n+OK\r\n*3\r\n$6\r\nmaster\r\n:0\r\n*0\r\n";
+        assert!(reset_against_confirming(master, true, true).await.is_ok());
+        // Demoted behind Sentinel's back since the connection was made.
+        let replica = b"+RESET\r\n+OK\r\n+OK\r\n+OK\r\n*5\r\n$5\r\nslave\r\n$9\r\n127.0.0.1\r\n:6379\r\n$9\r\nconnected\r\n:0\r\n";
+        assert!(matches!(
+            reset_against_confirming(replica, true, true).await,
+            Err(HandshakeError::NotMaster { .. })
+        ));
+    }
+
+    #[tokio::test]
     async fn a_silent_server_times_out() {
         let credentials = Credentials::new(None, SecretString::from("pw"));
         let (mut ours, _theirs) = duplex(4096);
         let limit = Duration::from_millis(50);
-        let result = reset(&mut ours, &credentials, &Handshake::default(), limit).await;
+        let result = reset(&mut ours, &credentials, &Handshake::default(), false, limit).await;
         assert!(matches!(result, Err(HandshakeError::Timeout(_))));
     }
 }

@@ -3,8 +3,10 @@
 //! TLS or AUTH round trip. Made through [`upstream::open`], the one seam, and refilled in the
 //! background as they are taken, at most `size` at a time. A ready connection is used only
 //! while it is still good: made with the credentials in use, to a target discovery still
-//! prefers, younger than [`MAX_READY_AGE`], and with no close or stray byte waiting on its
-//! socket. Off (0) by default: every ready connection is an idle client of the server, on
+//! prefers, made less than [`MAX_READY_AGE`] ago (given back or not), and with no close or
+//! stray byte waiting on its socket. The oldest goes first, so that connections are used
+//! in turn: those the filler made to several backends in rotation serve clients in
+//! rotation too, and none idles while another serves every client. Off (0) by default: every ready connection is an idle client of the server, on
 //! every pod.
 //!
 //! With `upstream.reuse`, a connection a client left clean comes back ([`Pool::give_back`]:
@@ -16,7 +18,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::Notify;
@@ -27,8 +29,10 @@ use crate::config::{Handshake, Upstream};
 use crate::credentials::{CredentialStore, Credentials};
 use crate::upstream::{self, Connected, Stream};
 
-/// A ready connection older than this is replaced: servers close idle clients (`timeout`),
-/// and a connection that waited long may be on a path that changed.
+/// A connection made longer ago than this is not handed out, however often it was given back:
+/// servers close idle clients (`timeout`), and what it was made to may have moved since (a
+/// host name resolving elsewhere, a master demoted behind Sentinel's back). New clients
+/// follow such a change within it.
 const MAX_READY_AGE: Duration = Duration::from_secs(60);
 
 /// No connection is handed to a client longer than this after the server last checked its
@@ -36,6 +40,12 @@ const MAX_READY_AGE: Duration = Duration::from_secs(60);
 /// stops serving new clients within it. A connection a client left untouched goes back with
 /// no new AUTH only within the first half of it, so that it has time left to wait.
 pub const MAX_UNCHECKED: Duration = MAX_READY_AGE;
+
+/// A ready connection to Sentinel's master is handed out only this long after `ROLE`
+/// confirmed it (at the handshake, or after the RESET that readied it again): a master
+/// demoted behind Sentinel's back serves no new client of the pool for longer. Without a
+/// pool every new connection is confirmed.
+const MAX_UNCONFIRMED: Duration = Duration::from_secs(5);
 
 /// After a failed attempt, the pool waits this long before trying again, so an unreachable
 /// upstream is not hammered; clients still connect on their own meanwhile.
@@ -45,8 +55,6 @@ struct Ready {
     connected: Connected,
     /// The credentials it authenticated with: compared by identity with the ones in use.
     credentials: Arc<Credentials>,
-    /// When it was made, or given back: how long it has waited unused.
-    made: Instant,
 }
 
 /// The ready connections; empty and idle when `size` is 0.
@@ -90,7 +98,6 @@ impl Pool {
             ready.push_back(Ready {
                 connected,
                 credentials,
-                made: Instant::now(),
             });
             self.gauge.set(ready.len() as i64);
         }
@@ -113,8 +120,8 @@ impl Pool {
             let mut ready = self.lock();
             let before = ready.len();
             let mut found = None;
-            // The newest first: the least likely to have been closed by the server.
-            while let Some(r) = ready.pop_back() {
+            // The oldest first: in turn (see the module's doc).
+            while let Some(r) = ready.pop_front() {
                 let good = Arc::ptr_eq(&r.credentials, credentials)
                     && preferred.contains(&r.connected.target)
                     && usable(&r)
@@ -202,9 +209,14 @@ impl Pool {
     }
 }
 
-/// Not waiting too long (the server may have closed it), nor authenticated too long ago.
+/// Not made too long ago, nor authenticated (and, for Sentinel's master, confirmed: `ROLE`
+/// goes with every handshake and RESET) too long ago.
 fn usable(r: &Ready) -> bool {
-    r.made.elapsed() < MAX_READY_AGE && r.connected.authenticated.elapsed() < MAX_UNCHECKED
+    let c = &r.connected;
+    let checked = c.authenticated.elapsed();
+    c.born.elapsed() < MAX_READY_AGE
+        && checked < MAX_UNCHECKED
+        && (!c.target.confirm_master || checked < MAX_UNCONFIRMED)
 }
 
 /// No close and no stray byte waiting: a peek that would block.
@@ -224,9 +236,15 @@ fn open(stream: &Stream) -> bool {
 mod tests {
     use super::*;
     use secrecy::SecretString;
+    use std::time::Instant;
 
-    /// A ready connection made or given back `waited` ago, authenticated `checked` ago.
-    async fn ready(waited: Duration, checked: Duration) -> Ready {
+    /// A ready connection made `born` ago, authenticated `checked` ago.
+    async fn ready(born: Duration, checked: Duration) -> Ready {
+        ready_to(born, checked, false).await
+    }
+
+    /// The same, to Sentinel's master with `confirm_master`.
+    async fn ready_to(born: Duration, checked: Duration, confirm_master: bool) -> Ready {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -237,12 +255,15 @@ mod tests {
             connected: Connected {
                 stream: Stream::Plain(stream),
                 addr,
-                target: crate::discovery::Target::at(addr.to_string().parse().unwrap()),
+                target: crate::discovery::Target {
+                    confirm_master,
+                    ..crate::discovery::Target::at(addr.to_string().parse().unwrap())
+                },
                 reused: true,
                 authenticated: ago(checked),
+                born: ago(born),
             },
             credentials: Arc::new(Credentials::new(None, password)),
-            made: ago(waited),
         }
     }
 
@@ -255,6 +276,18 @@ mod tests {
             !usable(&recently_back),
             "given back lately, checked long ago"
         );
-        assert!(!usable(&ready(MAX_READY_AGE + second, second).await));
+        assert!(
+            !usable(&ready(MAX_READY_AGE + second, second).await),
+            "made long ago, checked lately (RESET when given back)"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_sentinel_master_is_handed_out_only_shortly_after_role_confirmed_it() {
+        let second = Duration::from_secs(1);
+        assert!(usable(&ready_to(second, second, true).await));
+        let unconfirmed = ready_to(second, MAX_UNCONFIRMED + second, true).await;
+        assert!(!usable(&unconfirmed));
+        assert!(usable(&ready(second, MAX_UNCONFIRMED + second).await));
     }
 }

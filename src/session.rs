@@ -61,14 +61,17 @@ impl Shared {
         let current = self.credentials.current();
         let result = match kept {
             None => "dirty",
+            // Sentinel's master is confirmed by ROLE after the RESET: it may have been
+            // demoted since the handshake.
             Some((c, reuse))
-                if as_it_is(
-                    reuse,
-                    &made_with,
-                    &current,
-                    c.authenticated,
-                    self.relay.max_session_age,
-                ) =>
+                if !c.target.confirm_master
+                    && as_it_is(
+                        reuse,
+                        &made_with,
+                        &current,
+                        c.authenticated,
+                        self.relay.max_session_age,
+                    ) =>
             {
                 match self.pool.give_back(c, made_with) {
                     true => "untouched",
@@ -87,7 +90,9 @@ impl Shared {
     async fn reset_and_keep(&self, mut c: Connected) -> &'static str {
         let credentials = self.credentials.current();
         let limit = self.upstream.handshake_timeout;
-        let reset = handshake::reset(&mut c.stream, &credentials, &self.relay.handshake, limit);
+        let settings = &self.relay.handshake;
+        let confirm_master = c.target.confirm_master;
+        let reset = handshake::reset(&mut c.stream, &credentials, settings, confirm_master, limit);
         if let Err(e) = reset.await {
             tracing::debug!(upstream = %c.addr, error = %e, "upstream connection not reused: RESET or handshake failed");
             return "failed";
@@ -148,13 +153,14 @@ where
         let discovery = &shared.upstream.discovery;
         let choice = discovery.moves().then(|| discovery.subscribe());
         // Matched as it comes: a named result would keep its room to the end. What the pool
-        // checks when the connection comes back, and the moves, are boxed (every idle session
-        // would hold them, and most have neither) and made inside the arm, so that the target
-        // they are made of takes no room past it.
+        // checks when the connection comes back (its target and age), and the moves, are
+        // boxed (every idle session would hold them, and most have neither) and made inside
+        // the arm, so that the target they are made of takes no room past it.
         let (mut upstream, upstream_addr, reused, authenticated, kept_target, moves) =
             match shared.connect(&current).await {
                 Ok(c) => {
-                    let kept_target = shared.upstream.reuse.then(|| Box::new(c.target.clone()));
+                    let kept_target =
+                        (shared.upstream.reuse).then(|| Box::new((c.target.clone(), c.born)));
                     let moves = choice.map(|choice| {
                         Box::new(Moves::new(Arc::clone(discovery), choice, c.target))
                     });
@@ -215,14 +221,16 @@ where
             error,
             "session closed"
         );
-        if let Some(target) = kept_target {
+        if let Some(kept_target) = kept_target {
+            let (target, born) = *kept_target;
             let kept = upstream.map(|stream| {
                 let connected = Connected {
                     stream,
                     addr: upstream_addr,
-                    target: *target,
+                    target,
                     reused: true,
                     authenticated,
+                    born,
                 };
                 (connected, reusable)
             });

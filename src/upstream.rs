@@ -225,6 +225,9 @@ pub struct Connected {
     /// When the server last checked its credentials: its handshake, or the one after a
     /// RESET (`upstream.reuse`).
     pub authenticated: Instant,
+    /// When it was made: what it was made to (the address a host name resolved to, the
+    /// master Sentinel named) may have changed since, so its age is bounded in the pool.
+    pub born: Instant,
 }
 
 /// Why [`establish`] failed: no target known, the connection, or the handshake on it.
@@ -256,6 +259,7 @@ pub async fn establish(
             target: target.clone(),
             reused: false,
             authenticated: Instant::now(),
+            born: Instant::now(),
         });
     }
     let checked = handshake::run(
@@ -276,6 +280,7 @@ pub async fn establish(
         target: target.clone(),
         reused: false,
         authenticated: Instant::now(),
+        born: Instant::now(),
     })
 }
 

@@ -36,6 +36,32 @@ async fn who(amb: &Ambassador) -> String {
 }
 
 #[tokio::test]
+async fn round_robin_spreads_clients_with_ready_connections_reused_too() {
+    // The pool hands out its oldest first: the connections the filler made to a and b in
+    // turn, and given back after each client, serve clients in turn (the newest first, a
+    // connection given back went straight to the next client, always to the same server).
+    let a = named("a", ServerAuth::app()).await;
+    let b = named("b", ServerAuth::app()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "strategy = \"round-robin\"\npool_size = 2";
+    let profile = profile(&[&a, &b], dir.path(), extra);
+    let amb = Ambassador::with_config(load_config(dir.path(), &profile), dir).await;
+    wait_until("two ready connections", DEADLINE, || async {
+        amb.metric("ambassador_upstream_pool_ready", ("", "")).await == Some(2.0)
+    })
+    .await;
+    let mut seen: HashMap<String, u32> = HashMap::new();
+    for _ in 0..40 {
+        *seen.entry(who(&amb).await).or_default() += 1;
+    }
+    for name in ["a", "b"] {
+        let n = seen.get(name).copied().unwrap_or(0);
+        assert!(n >= 10, "{seen:?}");
+    }
+    amb.stop().await;
+}
+
+#[tokio::test]
 async fn round_robin_spreads_connections_evenly() {
     let a = named("a", ServerAuth::app()).await;
     let b = named("b", ServerAuth::app()).await;
