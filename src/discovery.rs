@@ -245,6 +245,16 @@ impl Discovery {
             .collect()
     }
 
+    /// Whether new connections go to several targets in turn (round-robin backends, SRV's
+    /// weights) rather than to the first that answers.
+    pub fn spreads(&self) -> bool {
+        match &self.source {
+            Source::Srv(_) => true,
+            Source::Backends(b) => b.strategy.order() == Order::Rotate,
+            _ => false,
+        }
+    }
+
     /// Look again now, not at the next TTL or poll.
     pub fn recheck(&self) {
         self.recheck.notify_one();

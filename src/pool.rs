@@ -4,9 +4,11 @@
 //! background as they are taken, at most `size` at a time. A ready connection is used only
 //! while it is still good: made with the credentials in use, to a target discovery still
 //! prefers, made less than [`MAX_READY_AGE`] ago (given back or not), and with no close or
-//! stray byte waiting on its socket. The oldest goes first, so that connections are used
-//! in turn: those the filler made to several backends in rotation serve clients in
-//! rotation too, and none idles while another serves every client. Off (0) by default: every ready connection is an idle client of the server, on
+//! stray byte waiting on its socket. The newest goes first (the warmest, and the least
+//! likely to have been closed by the server), unless new connections go to several targets
+//! in turn: then the oldest, so that those the filler made in rotation serve clients in
+//! rotation too (newest first, with reuse, every client would get the connection the last
+//! one gave back, always to the same backend). Off (0) by default: every ready connection is an idle client of the server, on
 //! every pod.
 //!
 //! With `upstream.reuse`, a connection a client left clean comes back ([`Pool::give_back`]:
@@ -120,8 +122,13 @@ impl Pool {
             let mut ready = self.lock();
             let before = ready.len();
             let mut found = None;
-            // The oldest first: in turn (see the module's doc).
-            while let Some(r) = ready.pop_front() {
+            // See the module's doc.
+            let spread = upstream.discovery.spreads();
+            while let Some(r) = if spread {
+                ready.pop_front()
+            } else {
+                ready.pop_back()
+            } {
                 let good = Arc::ptr_eq(&r.credentials, credentials)
                     && preferred.contains(&r.connected.target)
                     && usable(&r)

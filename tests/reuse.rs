@@ -122,7 +122,6 @@ async fn the_next_client_gets_the_connection_reset_and_authenticated_as_new() {
     drop(first);
     wait_returned(&amb, "reused", 1.0).await;
 
-    let older = hold_older(&amb).await;
     let mut next = amb.connect().await;
     let (next_id, next_state) = seen(&server, &mut next, "DBSIZE").await;
     assert_eq!(next_id, id, "not reused");
@@ -134,14 +133,12 @@ async fn the_next_client_gets_the_connection_reset_and_authenticated_as_new() {
         "the profile's db"
     );
     assert_eq!(next_state, fresh);
-    // first's, the held one's, next's.
     assert_eq!(
         amb.metric("ambassador_upstream_pool_taken_total", ("from", "ready"))
             .await,
-        Some(3.0)
+        Some(2.0)
     );
     drop(next);
-    drop(older);
     amb.stop().await;
 }
 
@@ -163,7 +160,6 @@ async fn a_connection_left_untouched_is_handed_on_with_no_reset() {
     drop(first);
     wait_returned(&amb, "untouched", 1.0).await;
 
-    let older = hold_older(&amb).await;
     let mut next = amb.connect().await;
     assert_eq!(next.cmd(&["ECHO", "next-came"]).await, bulk(b"next-came"));
     let (next_id, next_state) = seen(&server, &mut next, "DBSIZE").await;
@@ -175,17 +171,15 @@ async fn a_connection_left_untouched_is_handed_on_with_no_reset() {
     );
     assert_eq!(next_state, fresh);
     assert_eq!(returned(&amb, "reused").await, 0.0);
-    // Between the two, the server was sent nothing but the held client's ECHO.
+    // Between the two, the server was sent nothing.
     let seen = monitor_until(&mut monitor, "\"next-came\"").await;
     let left = seen.iter().position(|l| l.contains("\"first-leaves\""));
     assert_eq!(
         left,
-        Some(seen.len() - 3),
+        Some(seen.len() - 2),
         "sent between the two clients: {seen:#?}"
     );
-    assert!(seen[seen.len() - 2].contains("\"held\""), "{seen:#?}");
     drop(next);
-    drop(older);
     amb.stop().await;
 }
 
@@ -204,13 +198,11 @@ async fn a_connection_authenticated_before_a_rotation_is_reset_before_it_is_hand
     wait_returned(&amb, "reused", 1.0).await;
     assert_eq!(returned(&amb, "untouched").await, 0.0);
 
-    let older = hold_older(&amb).await;
     let mut next = amb.connect().await;
     assert_eq!(seen(&server, &mut next, "DBSIZE").await.0, id, "not reused");
     assert_eq!(next.cmd(&["ACL", "WHOAMI"]).await, bulk(b"rotated"));
     assert_eq!(next.cmd(&["CLIENT", "GETNAME"]).await, bulk(b"amb-reuse"));
     drop((next, held));
-    drop(older);
     amb.stop().await;
 }
 
@@ -235,22 +227,19 @@ async fn a_tls_connection_is_reused_without_a_new_handshake() {
     drop(first);
     wait_returned(&amb, "reused", 1.0).await;
 
-    let older = hold_older(&amb).await;
     let mut next = amb.connect().await;
     let (next_id, next_state) = seen(&server, &mut next, "DBSIZE").await;
     assert_eq!(next_id, id);
     assert_eq!(next.cmd(&["ACL", "WHOAMI"]).await, bulk(USER.as_bytes()));
     assert_eq!(next_state, fresh);
-    // Two TLS handshakes (full or resumed) counted, first's and the held one's: none for
-    // next, the second session on first's connection.
+    // One TLS handshake (full or resumed) counted for two sessions on one connection.
     let mut handshakes = 0.0;
     for kind in ["full", "resumed"] {
         let n = amb.metric("ambassador_upstream_tls_handshakes_total", ("kind", kind));
         handshakes += n.await.unwrap_or(0.0);
     }
-    assert_eq!(handshakes, 2.0);
+    assert_eq!(handshakes, 1.0);
     drop(next);
-    drop(older);
     amb.stop().await;
 }
 
@@ -289,14 +278,12 @@ async fn after(commands: &[&[&str]], last: Last, reused: bool) {
     wait_returned(&amb, want, 1.0).await;
     assert_eq!(returned(&amb, other).await, 0.0);
 
-    let older = hold_older(&amb).await;
     let mut next = amb.connect().await;
     let (next_id, next_state) = seen(&server, &mut next, "DBSIZE").await;
     assert_eq!(next_id == id, reused, "{commands:?}: {next_id} after {id}");
     assert_eq!(next_state, fresh, "after {commands:?}");
     assert_eq!(next.cmd(&["PING"]).await, simple("PONG"));
     drop(next);
-    drop(older);
     amb.stop().await;
 }
 
@@ -374,33 +361,22 @@ async fn a_transaction_is_reset_before_its_connection_is_handed_on() {
     .await;
 }
 
-/// Takes the ready connection that waited in the pool before the first client's came back
-/// (the pool hands out its oldest first), so that the next client gets the first one's: a
-/// client that ran `ECHO held` on it, for the caller to keep open.
-async fn hold_older(amb: &Ambassador) -> Raw {
-    let mut held = amb.connect().await;
-    assert_eq!(held.cmd(&["ECHO", "held"]).await, bulk(b"held"));
-    held
-}
-
 /// `first` (whose connection `seen` found as `id`, `fresh`) leaves: its connection must come
-/// back through RESET, not untouched, and serve the next client as a fresh one would. The
-/// older ready connection is held meanwhile: returned with the next client.
+/// back through RESET, not untouched, and serve the next client as a fresh one would.
 async fn handed_on_after_reset(
     server: &RedisServer,
     amb: &Ambassador,
     first: Raw,
     (id, fresh): (i64, Vec<String>),
-) -> (Raw, Raw) {
+) -> Raw {
     drop(first);
     wait_returned(amb, "reused", 1.0).await;
     assert_eq!(returned(amb, "untouched").await, 0.0);
-    let older = hold_older(amb).await;
     let mut next = amb.connect().await;
     let (next_id, next_state) = seen(server, &mut next, "DBSIZE").await;
     assert_eq!(next_id, id, "not reused");
     assert_eq!(next_state, fresh);
-    (next, older)
+    next
 }
 
 #[tokio::test]
@@ -422,10 +398,9 @@ async fn a_multi_left_open_by_a_refused_discard_is_reset() {
         matches!(refused, OwnedFrame::SimpleError { .. }),
         "{refused:?}"
     );
-    let (mut next, older) = handed_on_after_reset(&server, &amb, first, (id, fresh)).await;
+    let mut next = handed_on_after_reset(&server, &amb, first, (id, fresh)).await;
     assert_eq!(next.cmd(&["GET", "k"]).await, OwnedFrame::Null);
     drop(next);
-    drop(older);
     amb.stop().await;
 }
 
@@ -452,9 +427,8 @@ async fn a_command_the_ambassador_does_not_know_sends_the_connection_through_res
         first.cmd(&["myhello", "3"]).await,
         OwnedFrame::Map { .. }
     ));
-    let (next, older) = handed_on_after_reset(&server, &amb, first, (id, fresh)).await;
+    let next = handed_on_after_reset(&server, &amb, first, (id, fresh)).await;
     drop(next);
-    drop(older);
     amb.stop().await;
 }
 
