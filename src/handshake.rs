@@ -12,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::config::Handshake;
 use crate::credentials::{Arg, Credentials, SecretBytes};
+use crate::resp;
 use crate::tls::{self, TlsFailure};
 
 #[derive(Debug, Error)]
@@ -164,9 +165,9 @@ where
 /// the handshake a new connection gets (with `confirm_master`, `ROLE` too, which must answer
 /// `master`), then `PING` with a random word, pipelined, within `limit`. Every reply must be
 /// what a healthy server answers a clean connection (`+RESET`, `+OK` each, the word) and
-/// nothing may follow them; anything else means the connection is
-/// not what the ambassador thinks, and it is not used again. The word is what no reply the
-/// client was still owed can imitate (its own pipelined `RESET` answers `+RESET`, too).
+/// nothing may follow them; anything else means the connection is not what the ambassador
+/// thinks, and it is not used again. The word is what no reply the client was still owed
+/// can imitate (its own pipelined `RESET` answers `+RESET`, too).
 pub async fn reset<S>(
     stream: &mut S,
     credentials: &Credentials,
@@ -222,6 +223,7 @@ const ROLE: &[u8] = b"*1\r\n$4\r\nROLE\r\n";
 /// 32 random hex digits.
 fn nonce() -> Result<Vec<u8>, HandshakeError> {
     use ring::rand::SecureRandom;
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut bytes = [0u8; 16];
     ring::rand::SystemRandom::new()
         .fill(&mut bytes)
@@ -230,14 +232,16 @@ fn nonce() -> Result<Vec<u8>, HandshakeError> {
         })?;
     Ok(bytes
         .iter()
-        .flat_map(|b| format!("{b:02x}").into_bytes())
+        .flat_map(|b| [HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]])
         .collect())
 }
 
+/// `PING word`.
 fn ping(word: &[u8]) -> Vec<u8> {
-    let mut cmd = format!("*2\r\n$4\r\nPING\r\n${}\r\n", word.len()).into_bytes();
-    cmd.extend_from_slice(word);
-    cmd.extend_from_slice(b"\r\n");
+    let mut cmd = Vec::with_capacity(word.len() + 24);
+    resp::write_array(&mut cmd, 2);
+    resp::write_bulk(&mut cmd, b"PING");
+    resp::write_bulk(&mut cmd, word);
     cmd
 }
 
@@ -313,7 +317,9 @@ mod tests {
             } else {
                 vec![b'0'; word_len]
             };
-            theirs.write_all(&ping(&answer)[14..]).await.unwrap();
+            let mut echoed = Vec::new();
+            crate::resp::write_bulk(&mut echoed, &answer);
+            theirs.write_all(&echoed).await.unwrap();
             // Kept open until the test is done with it: a close is another case.
             (got, word, theirs)
         });

@@ -8,8 +8,8 @@
 //! likely to have been closed by the server), unless new connections go to several targets
 //! in turn: then the oldest, so that those the filler made in rotation serve clients in
 //! rotation too (newest first, with reuse, every client would get the connection the last
-//! one gave back, always to the same backend). Off (0) by default: every ready connection is an idle client of the server, on
-//! every pod.
+//! one gave back, always to the same backend). Off (0) by default: every ready connection
+//! is an idle client of the server, on every pod.
 //!
 //! With `upstream.reuse`, a connection a client left clean comes back ([`Pool::give_back`]:
 //! as it is when the client changed nothing on it, else after the session RESET it and
@@ -243,7 +243,6 @@ fn open(stream: &Stream) -> bool {
 mod tests {
     use super::*;
     use secrecy::SecretString;
-    use std::time::Instant;
 
     /// A ready connection made `born` ago, authenticated `checked` ago.
     async fn ready(born: Duration, checked: Duration) -> Ready {
@@ -252,24 +251,9 @@ mod tests {
 
     /// The same, to Sentinel's master with `confirm_master`.
     async fn ready_to(born: Duration, checked: Duration, confirm_master: bool) -> Ready {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let now = Instant::now();
-        let ago = |d| now.checked_sub(d).expect("a clock older than two minutes");
         let password = SecretString::from("p".to_owned());
         Ready {
-            connected: Connected {
-                stream: Stream::Plain(stream),
-                addr,
-                target: crate::discovery::Target {
-                    confirm_master,
-                    ..crate::discovery::Target::at(addr.to_string().parse().unwrap())
-                },
-                reused: true,
-                authenticated: ago(checked),
-                born: ago(born),
-            },
+            connected: Connected::on_loopback(born, checked, confirm_master).await,
             credentials: Arc::new(Credentials::new(None, password)),
         }
     }

@@ -61,17 +61,8 @@ impl Shared {
         let current = self.credentials.current();
         let result = match kept {
             None => "dirty",
-            // Sentinel's master is confirmed by ROLE after the RESET: it may have been
-            // demoted since the handshake.
             Some((c, reuse))
-                if !c.target.confirm_master
-                    && as_it_is(
-                        reuse,
-                        &made_with,
-                        &current,
-                        c.authenticated,
-                        self.relay.max_session_age,
-                    ) =>
+                if as_it_is(reuse, &c, &made_with, &current, self.relay.max_session_age) =>
             {
                 match self.pool.give_back(c, made_with) {
                     true => "untouched",
@@ -107,21 +98,25 @@ impl Shared {
     }
 }
 
-/// Whether a connection the client left can serve the next one with no RESET and no new
+/// Whether connection `c` the client left can serve the next one with no RESET and no new
 /// AUTH: the client changed nothing on it, it is authenticated with the credentials in use
-/// (`made_with` is `current`: no rotation since), and the server checked them within the
+/// (`made_with` is `current`: no rotation since), the server checked them within the
 /// first half of [`MAX_UNCHECKED`] (so that it can still wait in the pool) and of
 /// `max_session_age` if set (sessions re-authenticate that often: so does a connection that
-/// goes from one to the next).
+/// goes from one to the next), and it is not to Sentinel's master (confirmed by `ROLE`
+/// after a RESET: it may have been demoted since the handshake).
 fn as_it_is(
     reuse: Reuse,
+    c: &Connected,
     made_with: &Arc<Credentials>,
     current: &Arc<Credentials>,
-    authenticated: Instant,
     max_session_age: Option<Duration>,
 ) -> bool {
     let window = (MAX_UNCHECKED / 2).min(max_session_age.unwrap_or(Duration::MAX));
-    reuse == Reuse::AsItIs && Arc::ptr_eq(made_with, current) && authenticated.elapsed() < window
+    reuse == Reuse::AsItIs
+        && !c.target.confirm_master
+        && Arc::ptr_eq(made_with, current)
+        && c.authenticated.elapsed() < window
 }
 
 /// Serves one client until either side closes.
@@ -159,8 +154,10 @@ where
         let (mut upstream, upstream_addr, reused, authenticated, kept_target, moves) =
             match shared.connect(&current).await {
                 Ok(c) => {
-                    let kept_target =
-                        (shared.upstream.reuse).then(|| Box::new((c.target.clone(), c.born)));
+                    let kept_target = shared
+                        .upstream
+                        .reuse
+                        .then(|| Box::new((c.target.clone(), c.born)));
                     let moves = choice.map(|choice| {
                         Box::new(Moves::new(Arc::clone(discovery), choice, c.target))
                     });
@@ -312,22 +309,31 @@ mod tests {
     use super::*;
     use secrecy::SecretString;
 
-    #[test]
-    fn only_an_untouched_connection_checked_lately_with_the_credentials_in_use_goes_as_it_is() {
+    #[tokio::test]
+    async fn only_an_untouched_connection_checked_lately_with_the_credentials_in_use_goes_as_it_is()
+    {
         let made = || Arc::new(Credentials::new(None, SecretString::from("p".to_owned())));
         let (with, other) = (made(), made());
-        let now = Instant::now();
-        let ago = |d| now.checked_sub(d).expect("a clock older than a minute");
-        let half = ago(MAX_UNCHECKED / 2);
-        assert!(as_it_is(Reuse::AsItIs, &with, &with, now, None));
-        assert!(!as_it_is(Reuse::AfterReset, &with, &with, now, None));
-        let rotated = as_it_is(Reuse::AsItIs, &with, &other, now, None);
+        let checked = |ago| Connected::on_loopback(Duration::ZERO, ago, false);
+        let (now, half) = (
+            checked(Duration::ZERO).await,
+            checked(MAX_UNCHECKED / 2).await,
+        );
+        assert!(as_it_is(Reuse::AsItIs, &now, &with, &with, None));
+        assert!(!as_it_is(Reuse::AfterReset, &now, &with, &with, None));
+        let rotated = as_it_is(Reuse::AsItIs, &now, &with, &other, None);
         assert!(!rotated, "rotated since");
-        let unchecked = as_it_is(Reuse::AsItIs, &with, &with, half, None);
+        let unchecked = as_it_is(Reuse::AsItIs, &half, &with, &with, None);
         assert!(!unchecked, "unchecked too long");
-        let (second, two) = (Duration::from_secs(1), ago(Duration::from_secs(2)));
-        assert!(as_it_is(Reuse::AsItIs, &with, &with, now, Some(second)));
-        let aged = as_it_is(Reuse::AsItIs, &with, &with, two, Some(second));
+        let (second, two) = (
+            Duration::from_secs(1),
+            checked(Duration::from_secs(2)).await,
+        );
+        assert!(as_it_is(Reuse::AsItIs, &now, &with, &with, Some(second)));
+        let aged = as_it_is(Reuse::AsItIs, &two, &with, &with, Some(second));
         assert!(!aged, "max_session_age");
+        let master = Connected::on_loopback(Duration::ZERO, Duration::ZERO, true).await;
+        let unconfirmed = as_it_is(Reuse::AsItIs, &master, &with, &with, None);
+        assert!(!unconfirmed, "Sentinel's master: ROLE after a RESET");
     }
 }

@@ -230,6 +230,31 @@ pub struct Connected {
     pub born: Instant,
 }
 
+#[cfg(test)]
+impl Connected {
+    /// A connection to a loopback listener that goes away at once (nothing is sent on it),
+    /// made `born` ago and authenticated `checked` ago, to a target that needs `ROLE` with
+    /// `confirm_master`: for the checks on a connection's age and target.
+    pub async fn on_loopback(born: Duration, checked: Duration, confirm_master: bool) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let now = Instant::now();
+        let ago = |d| now.checked_sub(d).expect("a clock older than two minutes");
+        Connected {
+            stream: Stream::Plain(stream),
+            addr,
+            target: Target {
+                confirm_master,
+                ..Target::at(addr.to_string().parse().unwrap())
+            },
+            reused: true,
+            authenticated: ago(checked),
+            born: ago(born),
+        }
+    }
+}
+
 /// Why [`establish`] failed: no target known, the connection, or the handshake on it.
 #[derive(Debug, Error)]
 pub enum EstablishError {
